@@ -1,0 +1,90 @@
+"""The seed's sampling loop in eager PyTorch: the oracle every faster path is checked against, and the baseline."""
+from __future__ import annotations
+
+import torch
+
+from .samplers import check_sampler, check_time_range, time_grid
+from .schedule import CosineSchedule, diffuse
+from .validation import check_sample_inputs
+
+INITS = ("noise", "background", "x_init")
+
+
+def _randn(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(shape, generator=generator, device=like.device, dtype=torch.float32)
+
+
+def _abar(schedule: CosineSchedule, t: float, batch: int, device) -> torch.Tensor:
+    # float64 on the host, then float32: in fp16/bf16 0.9999 rounds to 1 and 1 - abar vanishes.
+    return torch.full((batch, 1, 1, 1), schedule.alpha_cumprod(t), dtype=torch.float64).float().to(device)
+
+
+@torch.no_grad()
+def reference_sample(
+    model,
+    background: torch.Tensor,
+    shape,
+    mask: torch.Tensor | None = None,
+    t_start: float = 1.0,
+    t_end: float = 0.0,
+    timesteps: int = 300,
+    x_init: torch.Tensor | None = None,
+    sampler: str = "ddpm",
+    schedule: CosineSchedule | None = None,
+    generator: torch.Generator | None = None,
+    return_intermediates: bool = False,
+    eta: float = 0.0,
+    tau: float = 1.0,
+    init: str = "noise",
+):
+    """Run the seed's `Diffuzz.sample` (DDPM, or DDIM with eta) and return x, or the T states after each step.
+
+    Noise is drawn in the seed's order from `generator`: x_T; then per step eps1 (if masked), then eps2
+    (DDPM, or DDIM with eta > 0). CARE-SST variants: `init="background"|"x_init"` starts from
+    diffuse(init image, t_start) instead of pure noise; `tau` < 1 stops blending after that fraction of steps.
+    """
+    schedule = schedule or CosineSchedule()
+    check_sampler(sampler)
+    check_time_range(timesteps, t_start, t_end)
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; must be one of {list(INITS)}")
+    if not (0.0 <= tau <= 1.0):
+        raise ValueError(f"tau must be in [0, 1], got {tau!r}")
+    if not (0.0 <= eta <= 1.0) or (sampler == "ddpm" and eta != 0.0):
+        raise ValueError(f"eta must be in [0, 1] and is only used by 'ddim', got {eta!r} for {sampler!r}")
+    shape = check_sample_inputs(background, shape, mask, x_init)
+    if init == "x_init" and x_init is None:
+        raise ValueError("init='x_init' needs x_init")
+    if init == "background" and background.shape[1] != shape[1]:
+        raise ValueError(f"init='background' needs background with {shape[1]} channels, got {background.shape[1]}")
+
+    b = shape[0]
+    grid = time_grid(timesteps, float(t_start), float(t_end))
+    x = _randn(shape, background, generator)
+    if init != "noise":
+        source = background if init == "background" else x_init
+        x = diffuse(source.float(), torch.full((b,), grid[0], dtype=torch.float64), x, schedule)
+    preds = []
+    for i in range(timesteps):
+        t, t_prev = grid[i], grid[i + 1]
+        if mask is not None and i < tau * timesteps:
+            x_renoised = diffuse(x_init.float(), torch.full((b,), t, dtype=torch.float64), _randn(shape, x, generator), schedule)
+            x = x * mask + x_renoised * (1 - mask)
+        t_model = torch.full((b,), t, dtype=torch.float32, device=x.device)
+        pred_noise = model(torch.cat((x, background.to(x.dtype)), dim=1), t_model).float()
+
+        a, a_prev = _abar(schedule, t, b, x.device), _abar(schedule, t_prev, b, x.device)
+        if sampler == "ddpm":
+            alpha = a / a_prev
+            mu = (1.0 / alpha).sqrt() * (x - (1 - alpha) * pred_noise / (1 - a).sqrt())
+            std = ((1 - alpha) * (1.0 - a_prev) / (1.0 - a)).sqrt() * _randn(shape, x, generator)
+            x = mu + std * float(t_prev != 0)
+        else:
+            x0 = (x - (1 - a).sqrt() * pred_noise) / a.sqrt()
+            sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+            x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * pred_noise
+            if eta > 0:
+                x = x + sigma * _randn(shape, x, generator) * float(t_prev != 0)
+        if return_intermediates:
+            preds.append(x)
+    return preds if return_intermediates else x

@@ -1,0 +1,38 @@
+"""ddpm_engine.kernels: the fused sampler step (DESIGN.md section 4).
+
+Buffers are owned by the caller (the Runner) and written in place:
+  x        fp32 [B, C, H, W]         the sampler state (stays fp32 whatever the model dtype)
+  model_in [B, C + C_bg, H, W]       the U-Net input in its dtype (fp32/fp16/bf16); only channels [:C] are written
+  t_in     fp32 [B]                  the U-Net time input
+  eps_hat  [B, C, H, W]              the U-Net output (fp32/fp16/bf16)
+  rows     fp32 [T, 7]               StepTable.rows on x's device
+  step     int64 [1] device tensor   the step index i, read by the kernel (the runner does step.add_(1) after it)
+  seed     int64 [1] device tensor   the Philox key
+  mask     [1|B, 1|C, H, W] fp32     optional, 1 = generate, 0 = known; x_init fp32 [B, C, H, W] with it
+  x_out    fp32 [B, C, H, W]         optional: receives the un-blended x_{i+1} (intermediates / final output)
+
+Specification (plain torch, noises as tensors, CPU or CUDA; `step` may be a Python int or a device tensor):
+  initial_torch(x, rows, eps0, eps1=None, *, model_in, t_in, mask=None, x_init=None, init_image=None) -> x
+  step_torch(x, eps_hat, rows, step, eps2=None, eps1=None, *, model_in, t_in, mask=None, x_init=None,
+             x_out=None) -> x
+Triton (one launch each; noise from in-kernel Philox keyed by (seed, phase, element); phase 0 = initial,
+i + 1 = step i; pass eps* tensors instead for PAIRED_NOISE parity mode):
+  initial_triton(x, rows, seed, *, model_in, t_in, mask=None, x_init=None, init_image=None,
+                 eps0=None, eps1=None, elem_offset=0) -> x
+  step_triton(x, eps_hat, rows, step, seed, *, model_in, t_in, mask=None, x_init=None, x_out=None,
+              draws_step_noise=True, eps1=None, eps2=None, elem_offset=0) -> x
+  philox_noise(seed, phase, shape, *, elem_offset=0) -> (a, b)   # the kernels' draws, for tests
+Triton is optional: HAS_TRITON says whether the Triton half imported. On CPU set TRITON_INTERPRET=1 before
+triton is first imported to run the kernels in the interpreter (tests do).
+"""
+from .step_torch import initial_torch, step_torch
+
+try:
+    from .step_triton import initial_triton, philox_noise, step_triton
+
+    HAS_TRITON = True
+except ImportError:  # triton is an optional dependency
+    HAS_TRITON = False
+
+__all__ = ["HAS_TRITON", "initial_torch", "step_torch"] + (
+    ["initial_triton", "philox_noise", "step_triton"] if HAS_TRITON else [])

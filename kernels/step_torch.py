@@ -1,0 +1,126 @@
+"""The fused sampler step in plain torch: the specification the Triton kernel must equal (DESIGN.md section 4).
+
+One step i of the seed's loop, rewritten on the linear step table (engine.samplers.StepTable rows):
+
+    x_{i+1} = c_x[i] * x + c_e[i] * eps_hat + c_z[i] * eps2
+    if i + 1 < T:
+        t_in[:] = t[i + 1]
+        xn = mask * x_{i+1} + (1 - mask) * (r_x[i+1] * x_init + r_z[i+1] * eps1)   if mask and blend[i+1]
+           = x_{i+1}                                                                otherwise
+        x = xn ; model_in[:, :C] = xn (in the model's dtype)
+    else:                                  # last step: the seed does not re-paste the known pixels
+        x = x_{i+1}                        # model_in and t_in are left as they are
+    x_out = x_{i+1} (un-blended), if given
+
+All arithmetic is fp32 in exactly the order written above, so the kernel can match it to the last bit.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from ddpm_engine.engine.samplers import COL_BLEND, COL_CE, COL_CX, COL_CZ, COL_RX, COL_RZ, COL_T, NUM_COLS
+
+
+def check_rows(rows: torch.Tensor) -> int:
+    """Return T for a [T, 7] float32 contiguous step table, or raise ValueError."""
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.shape[1] != NUM_COLS or rows.shape[0] < 1:
+        raise ValueError(f"rows must be the [T, {NUM_COLS}] step table, got "
+                         f"{tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__}")
+    if rows.dtype != torch.float32 or not rows.is_contiguous():
+        raise ValueError(f"rows must be contiguous float32, got {rows.dtype}, strides {rows.stride()}")
+    return rows.shape[0]
+
+
+def _rows_at(rows: torch.Tensor, step):
+    """(row i, row min(i+1, T-1), i + 1 < T) for a Python int i or an int64 device tensor holding i (no host sync)."""
+    T = check_rows(rows)
+    if isinstance(step, torch.Tensor):
+        i = step.reshape(1).long()
+        row = rows.index_select(0, i)[0]
+        nxt = rows.index_select(0, (i + 1).clamp(max=T - 1))[0]
+        return row, nxt, (i[0] + 1) < T
+    i = operator.index(step)
+    if not 0 <= i < T:
+        raise ValueError(f"step must be in [0, {T}), got {i}")
+    return rows[i], rows[min(i + 1, T - 1)], i + 1 < T
+
+
+def _select(cond, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a where cond else b, for a Python bool (no work) or a 0-d bool tensor (graph-capturable)."""
+    if isinstance(cond, torch.Tensor):
+        return torch.where(cond, a, b)
+    return a if cond else b
+
+
+def _blend(x: torch.Tensor, mask: torch.Tensor, x_init: torch.Tensor, eps1: torch.Tensor, row: torch.Tensor):
+    """mask * x + (1 - mask) * diffuse(x_init, t), with diffuse = r_x * x_init + r_z * eps1 from `row`."""
+    if x_init is None or eps1 is None:
+        raise ValueError("a mask needs x_init and the blend noise eps1")
+    known = row[COL_RX] * x_init + row[COL_RZ] * eps1
+    return mask * x + (1 - mask) * known
+
+
+@torch.no_grad()
+def step_torch(
+    x: torch.Tensor,
+    eps_hat: torch.Tensor,
+    rows: torch.Tensor,
+    step,
+    eps2: torch.Tensor | None = None,
+    eps1: torch.Tensor | None = None,
+    *,
+    model_in: torch.Tensor,
+    t_in: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    x_init: torch.Tensor | None = None,
+    x_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Step i (a Python int, or an int64 tensor on x's device): update x in place and write model_in[:, :C], t_in.
+
+    eps2 is the step noise (None: no noise term, DDIM with eta = 0); eps1 the blend noise of step i + 1
+    (needed with a mask). Returns x.
+    """
+    C = x.shape[1]
+    row, nxt, has_next = _rows_at(rows, step)
+    x_next = row[COL_CX] * x + row[COL_CE] * eps_hat.float()
+    if eps2 is not None:
+        x_next += row[COL_CZ] * eps2
+    if x_out is not None:
+        x_out.copy_(x_next)
+    xn = x_next
+    if mask is not None:
+        xn = torch.where(has_next & (nxt[COL_BLEND] != 0), _blend(x_next, mask, x_init, eps1, nxt), x_next)
+    x.copy_(xn)
+    x_channels = model_in[:, :C]
+    x_channels.copy_(_select(has_next, xn.to(model_in.dtype), x_channels))
+    t_in.copy_(_select(has_next, nxt[COL_T].to(t_in.dtype).expand_as(t_in), t_in))
+    return x
+
+
+@torch.no_grad()
+def initial_torch(
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    eps0: torch.Tensor,
+    eps1: torch.Tensor | None = None,
+    *,
+    model_in: torch.Tensor,
+    t_in: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    x_init: torch.Tensor | None = None,
+    init_image: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x_T = eps0 (or r_x[0] * init_image + r_z[0] * eps0), then the step-0 blend; writes x, model_in[:, :C], t_in."""
+    check_rows(rows)
+    C = x.shape[1]
+    row0 = rows[0]
+    x_start = eps0 if init_image is None else row0[COL_RX] * init_image.float() + row0[COL_RZ] * eps0
+    xn = x_start
+    if mask is not None:
+        xn = torch.where(row0[COL_BLEND] != 0, _blend(x_start, mask, x_init, eps1, row0), x_start)
+    x.copy_(xn)
+    model_in[:, :C].copy_(xn)
+    t_in.copy_(row0[COL_T].to(t_in.dtype).expand_as(t_in))
+    return x

@@ -1,0 +1,295 @@
+"""Export a noise-prediction U-Net to ONNX (sample, timestep -> eps) and verify it against PyTorch."""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddpm_engine.engine.errors import EngineError
+
+INPUT_NAMES = ("sample", "timestep")
+OUTPUT_NAMES = ("eps",)
+DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17; TensorRT 11, ORT and OpenVINO all parse it
+# Protobuf cannot hold a message above 2 GiB, so bigger graphs keep their weights in a side file.
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
+# Odd sizes a U-Net with stride-2 stages must survive (75 -> 37 -> 18 and back, padded to the skip).
+ODD_SIZES = ((37, 29), (75, 75))
+
+# Max abs error vs PyTorch, scaled by max(1, max |eps_torch|), that verification accepts per precision.
+TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}
+
+
+class VerificationError(EngineError):
+    """The exported graph disagrees with PyTorch beyond tolerance, or overflows to inf/NaN."""
+
+
+@dataclass
+class ExportInfo:
+    """What the export produced: files, opset, and whether H/W stayed dynamic."""
+
+    path: Path
+    files: list[Path]
+    opset: int
+    dynamic_hw: bool
+    external_data: bool
+    note: str = ""
+
+
+@dataclass
+class VerifyReport:
+    """Per-case errors of one verification run; `worst` is the case with the largest scaled error."""
+
+    runtime: str
+    precision: str
+    tolerance: float
+    cases: list[dict] = field(default_factory=list)
+
+    @property
+    def worst(self) -> dict:
+        return max(self.cases, key=lambda c: c["scaled_err"])
+
+    @property
+    def max_abs_err(self) -> float:
+        return max(c["max_abs_err"] for c in self.cases)
+
+    def as_dict(self) -> dict:
+        return {
+            "runtime": self.runtime,
+            "precision": self.precision,
+            "tolerance": self.tolerance,
+            "metric": "max|onnx - torch| / max(1, max|torch|) over eps",
+            "max_abs_err": self.max_abs_err,
+            "worst": self.worst,
+            "cases": self.cases,
+        }
+
+
+def model_channels(model: torch.nn.Module) -> tuple[int, int]:
+    """(c_in, c_out) from the model contract attributes."""
+    try:
+        return int(model.c_in), int(model.c_out)
+    except AttributeError:
+        raise ValueError("the model must expose c_in and c_out (input and output channel counts)") from None
+
+
+def _example(model, batch: int, hw: tuple[int, int], seed: int = 0):
+    c_in, _ = model_channels(model)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, c_in, *hw, generator=g), torch.rand(batch, generator=g)
+
+
+def _torch_export(model, args, path: Path, opset: int, dynamic_hw: bool) -> None:
+    axes = {"sample": {0: "batch"}, "timestep": {0: "batch"}, "eps": {0: "batch"}}
+    if dynamic_hw:
+        axes["sample"].update({2: "height", 3: "width"})
+        axes["eps"].update({2: "height", 3: "width"})
+    with warnings.catch_warnings(), torch.no_grad():
+        # Tracer warnings about Python ints from shapes are expected; the dynamic-shape check below is the judge.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, args, str(path), input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+            opset_version=opset, dynamic_axes=axes, do_constant_folding=True, dynamo=False,
+        )
+
+
+def _runs_at(path: Path, model, hw: tuple[int, int]) -> bool | None:
+    """Does the graph accept another H/W and match PyTorch there (not just not crash)? None: PyTorch itself
+    rejects that size, so it says nothing about the graph."""
+    import onnxruntime as ort
+
+    x, t = _example(model, 2, hw, seed=1)
+    try:
+        with torch.no_grad():
+            ref = model(x, t).numpy()
+    except Exception:  # noqa: BLE001
+        return None
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        out = sess.run(None, {"sample": x.numpy(), "timestep": t.numpy()})[0]
+    except Exception:  # noqa: BLE001
+        return False
+    return out.shape == ref.shape and float(np.abs(out - ref).max()) <= 1e-3 * max(1.0, float(np.abs(ref).max()))
+
+
+def _probe_dynamic_hw(path: Path, model, opt_size: tuple[int, int]) -> None:
+    """Raise unless the graph works at a size other than the traced one (odd first; models that need a multiple
+    of 2^k get an even candidate)."""
+    h, w = opt_size
+    for probe in ((h + 11, w + 5), (h + 16, w + 16), (2 * h, 2 * w)):
+        ok = _runs_at(path, model, probe)
+        if ok is None:
+            continue
+        if not ok:
+            raise RuntimeError(f"the graph traced at {h}x{w} gives wrong results or fails at {probe[0]}x{probe[1]}")
+        return
+
+
+def save_onnx(proto, path: Path, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[Path]:
+    """Write a ModelProto as one file, or with `<name>.data` beside it when it is too big for protobuf."""
+    import onnx
+
+    path = Path(path)
+    external = proto.ByteSize() > external_data_threshold
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    if external:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+        return [path, data]
+    onnx.save_model(proto, str(path))
+    return [path]
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    *,
+    opt_size: tuple[int, int] = (64, 64),
+    opset: int = DEFAULT_OPSET,
+    dynamic_hw: bool = True,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> ExportInfo:
+    """Export with inputs `sample` [B, c_in, H, W], `timestep` [B] and output `eps`; batch always dynamic.
+
+    Dynamic H/W is kept only if the exported graph really works at another (odd) size; a model that bakes
+    its size into the trace falls back to a static graph at `opt_size`, and `note` says so.
+    """
+    import onnx
+
+    path = Path(path)
+    model = model.eval().float().cpu()
+    args = _example(model, 2, tuple(opt_size))
+    note = ""
+    if dynamic_hw:
+        try:
+            _torch_export(model, args, path, opset, dynamic_hw=True)
+            _probe_dynamic_hw(path, model, tuple(opt_size))
+        except Exception as exc:  # noqa: BLE001 - any failure means: fall back to a static size
+            note = (f"dynamic H/W export failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                    f"exported with static size {opt_size[0]}x{opt_size[1]}")
+            dynamic_hw = False
+    if not dynamic_hw:
+        _torch_export(model, args, path, opset, dynamic_hw=False)
+    proto = onnx.load(str(path))
+    proto.producer_name = "ddpm-engine"
+    files = save_onnx(proto, path, external_data_threshold)
+    return ExportInfo(path=path, files=files, opset=opset, dynamic_hw=dynamic_hw,
+                      external_data=len(files) > 1, note=note)
+
+
+def default_cases(batch: tuple[int, int, int], sizes: tuple, dynamic_hw: bool) -> list[tuple[int, int, int]]:
+    """(batch, H, W) cases: min batch at the opt size, then odd sizes at other batches, within the profile."""
+    (b_min, b_opt, b_max) = batch
+    (h_min, w_min), (h_opt, w_opt), (h_max, w_max) = sizes
+    cases = [(b_min, h_opt, w_opt)]
+    if dynamic_hw:
+        odd_batches = [min(b_max, max(b_min, 3)), min(b_max, max(b_min, 2))]
+        for b, (h, w) in zip(odd_batches, ODD_SIZES):
+            h, w = min(max(h, h_min), h_max), min(max(w, w_min), w_max)
+            cases.append((b, h, w))
+    elif b_max != b_min:
+        cases.append((min(b_max, max(b_min, 3)), h_opt, w_opt))
+    return list(dict.fromkeys(cases))
+
+
+def _run_onnxruntime(path: Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    in_type = sess.get_inputs()[0].type
+
+    def run(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        if in_type == "tensor(float16)":
+            x, t = x.astype(np.float16), t.astype(np.float16)
+        return sess.run(None, {"sample": x, "timestep": t})[0]
+
+    return run
+
+
+def _run_openvino(path: Path, hint: str):
+    import openvino as ov
+
+    core = ov.Core()
+    graph = core.read_model(str(path))
+    # Reduced-precision I/O: let OpenVINO convert from/to fp32 buffers (its Python API hands bf16 over as
+    # float16-typed numpy arrays, which would silently misread the values).
+    ppp = ov.preprocess.PrePostProcessor(graph)
+    for i, port in enumerate(graph.inputs):
+        if port.get_element_type() != ov.Type.f32:
+            ppp.input(i).tensor().set_element_type(ov.Type.f32)
+    for i, port in enumerate(graph.outputs):
+        if port.get_element_type() != ov.Type.f32:
+            ppp.output(i).tensor().set_element_type(ov.Type.f32)
+    compiled = core.compile_model(ppp.build(), "CPU", {"INFERENCE_PRECISION_HINT": hint})
+
+    def run(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        out = compiled({"sample": x, "timestep": t})
+        return np.asarray(out[compiled.outputs[0]], dtype=np.float32)
+
+    return run
+
+
+def verify_onnx(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    cases: list[tuple[int, int, int]] | None = None,
+    *,
+    precision: str = "fp32",
+    runtime: str = "onnxruntime",
+    tolerance: float | None = None,
+    seed: int = 0,
+) -> VerifyReport:
+    """Run the graph at every (batch, H, W) case against PyTorch fp32; raise VerificationError on inf/NaN or
+    when max|onnx - torch| / max(1, max|torch|) exceeds the tolerance (TOLERANCES[precision] by default).
+
+    runtime="openvino" runs the graph through OpenVINO (bf16 arithmetic for bf16 graphs, which ONNX Runtime's
+    CPU provider has no kernels for).
+    """
+    path = Path(path)
+    tolerance = TOLERANCES[precision] if tolerance is None else float(tolerance)
+    cases = cases or [(1, 37, 29), (3, 75, 75)]
+    if runtime == "onnxruntime":
+        run = _run_onnxruntime(path)
+    elif runtime == "openvino":
+        run = _run_openvino(path, "bf16" if precision == "bf16" else "f32")
+    else:
+        raise ValueError(f"unknown verification runtime {runtime!r}")
+    model = model.eval().float().cpu()
+    report = VerifyReport(runtime=runtime, precision=precision, tolerance=tolerance)
+    for i, (b, h, w) in enumerate(cases):
+        x, t = _example(model, b, (h, w), seed=seed + i)
+        with torch.no_grad():
+            ref = model(x, t).float().numpy()
+        try:
+            out = np.asarray(run(x.numpy(), t.numpy()), dtype=np.float32)
+        except Exception as exc:  # noqa: BLE001 - report which case broke, in one line
+            raise VerificationError(f"{path.name} failed to run in {runtime} at batch {b}, {h}x{w}: "
+                                    f"{str(exc).strip().splitlines()[0][:300]}") from exc
+        if out.shape != ref.shape:
+            raise VerificationError(f"{path.name} ({runtime}): eps has shape {out.shape} at batch {b}, {h}x{w}; "
+                                    f"PyTorch gives {ref.shape}")
+        finite = np.isfinite(out)
+        if not finite.all():
+            raise VerificationError(
+                f"{path.name} ({precision}, {runtime}) overflows: eps has {int((~finite).sum())} inf/NaN values "
+                f"at batch {b}, {h}x{w} (PyTorch max |eps| = {float(np.abs(ref).max()):.3g})")
+        err = float(np.abs(out - ref).max())
+        scale = max(1.0, float(np.abs(ref).max()))
+        report.cases.append({"batch": b, "height": h, "width": w, "max_abs_err": err,
+                             "scaled_err": err / scale, "ref_max_abs": scale,
+                             "mean_abs_err": float(np.abs(out - ref).mean())})
+    worst = report.worst
+    if not math.isfinite(worst["scaled_err"]) or worst["scaled_err"] > tolerance:
+        raise VerificationError(
+            f"{path.name} ({precision}, {runtime}) differs from PyTorch: worst tensor eps at batch {worst['batch']}, "
+            f"{worst['height']}x{worst['width']}: max abs error {worst['max_abs_err']:.3g} "
+            f"(scaled {worst['scaled_err']:.3g} > tolerance {tolerance:g})")
+    return report

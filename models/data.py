@@ -1,0 +1,145 @@
+"""SST data for CARE-SST: synthetic tiles (gradient + k^-3 eddies + fronts), OISST-like backgrounds, cloud masks, and the real-tile preprocessing."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CLOUD, LAND = 0.0, -999.0  # VIIRS fill values
+
+
+def _spectral_field(rng: np.random.Generator, n: int, slope: float, k_min: float = 0.0) -> np.ndarray:
+    """Zero-mean, unit-std isotropic Gaussian field on n x n with power spectrum P(k) ~ k^-slope."""
+    k = np.hypot(*np.meshgrid(np.fft.fftfreq(n), np.fft.fftfreq(n), indexing="ij"))
+    amp = np.zeros_like(k)
+    keep = k > max(k_min, 1.0 / n)
+    amp[keep] = k[keep] ** (-slope / 2)
+    noise = rng.standard_normal((n, n)) + 1j * rng.standard_normal((n, n))
+    field = np.fft.ifft2(noise * amp).real
+    return (field - field.mean()) / (field.std() + 1e-12)
+
+
+def synthetic_sst(rng: np.random.Generator, size: int = 64) -> np.ndarray:
+    """One SST tile in deg C on a ~750 m VIIRS-like pixel grid: large-scale gradient, eddies, fronts, sensor noise."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    theta = rng.uniform(0, 2 * np.pi)
+    # ~0.03 degC/px matches the 10-15 degC range of the real 300 px tiles (see tests/test_models_data.py).
+    sst = rng.uniform(8.0, 24.0) + rng.uniform(0.01, 0.05) * (np.cos(theta) * (xx - size / 2) + np.sin(theta) * (yy - size / 2))
+    # Mesoscale/submesoscale eddies: 2-D P(k) ~ k^-4 (1-D slope -3) is the observed SST spectral slope at these scales.
+    sst += rng.uniform(0.4, 1.5) * _spectral_field(rng, size, slope=4.0)
+    for _ in range(rng.integers(1, 4)):
+        # A front: a tanh step across a meandering line; widths of a few px give the heavy gradient tail.
+        phi = rng.uniform(0, 2 * np.pi)
+        along = -np.sin(phi) * xx + np.cos(phi) * yy
+        meander = rng.uniform(2, 10) * np.sin(2 * np.pi * along / rng.uniform(30, 120) + rng.uniform(0, 2 * np.pi))
+        across = np.cos(phi) * (xx - rng.uniform(0, size)) + np.sin(phi) * (yy - rng.uniform(0, size)) + meander
+        sst += rng.uniform(0.5, 2.5) * np.tanh(across / rng.uniform(1.0, 5.0))
+    sst += 0.015 * rng.standard_normal((size, size))  # sensor noise
+    return sst.astype(np.float32)
+
+
+def background_for(sst: np.ndarray, rng: np.random.Generator, factor: int = 12, bias_std: float = 0.3) -> np.ndarray:
+    """OISST-like background: Gaussian blur, ~factor x coarse-graining, bilinear back up, plus a small tile bias."""
+    x = torch.from_numpy(np.ascontiguousarray(sst, dtype=np.float32))[None, None]
+    sigma = factor / 4
+    r = np.arange(-int(3 * sigma), int(3 * sigma) + 1)
+    g = torch.from_numpy(np.exp(-0.5 * (r / sigma) ** 2)).float()
+    g = g / g.sum()
+    x = F.pad(x, (len(r) // 2,) * 4, mode="replicate")
+    x = F.conv2d(F.conv2d(x, g.view(1, 1, 1, -1)), g.view(1, 1, -1, 1))
+    coarse = F.adaptive_avg_pool2d(x, max(1, round(sst.shape[0] / factor)))
+    up = F.interpolate(coarse, size=sst.shape, mode="bilinear", align_corners=False)
+    return (up[0, 0].numpy() + rng.normal(0.0, bias_std)).astype(np.float32)
+
+
+def cloud_mask(rng: np.random.Generator, size: int = 64, cover: tuple[float, float] = (0.2, 0.8)) -> np.ndarray:
+    """1 on cloud, 0 clear: a smooth random field thresholded so that a fraction in `cover` is cloudy."""
+    field = _spectral_field(rng, size, slope=4.0)
+    frac = rng.uniform(*cover)
+    return (field > np.quantile(field, 1.0 - frac)).astype(np.float32)
+
+
+def minmax_range(background: np.ndarray) -> tuple[float, float]:
+    """The per-tile normalisation range: the background's min and max (CARE-SST)."""
+    lo, hi = float(np.min(background)), float(np.max(background))
+    return lo, max(hi, lo + 1e-3)  # a flat background would divide by zero
+
+
+def normalize(values, lo: float, hi: float):
+    """deg C -> [-1, 1] by the tile's background range."""
+    return 2.0 * (values - lo) / (hi - lo) - 1.0
+
+
+def denormalize(values, lo: float, hi: float):
+    """[-1, 1] -> deg C, the inverse of `normalize`."""
+    return (values + 1.0) * 0.5 * (hi - lo) + lo
+
+
+@dataclass
+class Tile:
+    """One preprocessed tile, normalised, as [1, H, W] float32 tensors, plus its range for going back to deg C."""
+
+    x_init: torch.Tensor  # observed SST; cloud and land filled with the background
+    background: torch.Tensor
+    mask: torch.Tensor  # 1 = cloud (to generate), 0 = observed or land
+    land: torch.Tensor  # 1 = land (no SST at all)
+    lo: float
+    hi: float
+    truth: torch.Tensor | None = None  # synthetic tiles only
+
+
+def preprocess(viirs: np.ndarray, oisst: np.ndarray) -> Tile:
+    """CARE-SST preprocessing of a real pair: VIIRS 0 = cloud, -999 = land; min-max by the OISST tile's range."""
+    viirs = np.asarray(viirs, dtype=np.float32)
+    oisst = np.asarray(oisst, dtype=np.float32)
+    if viirs.shape != oisst.shape or viirs.ndim != 2:
+        raise ValueError(f"viirs and oisst must be 2-D arrays of one shape, got {viirs.shape} and {oisst.shape}")
+    land = viirs <= LAND + 0.5
+    cloud = (viirs == CLOUD) & ~land
+    lo, hi = minmax_range(oisst)
+    bg = normalize(oisst, lo, hi)
+    # Gaps take the background value: known-pixel blending then holds land at the background, and the
+    # model never sees the fill values.
+    obs = np.where(cloud | land, bg, normalize(viirs, lo, hi))
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None]  # noqa: E731
+    return Tile(t(obs), t(bg), t(cloud), t(land), lo, hi)
+
+
+def load_real_tiles(root: str | Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, viirs, oisst) for every VIIRS tile under root/viirs with its OISST partner under root/oisst."""
+    root = Path(root)
+    pairs = []
+    for v in sorted((root / "viirs").glob("*_viirs_*.npy")):
+        o = root / "oisst" / v.name.replace("_viirs_", "-OISST_")
+        if not o.exists():
+            raise FileNotFoundError(f"no OISST tile {o} for {v}")
+        pairs.append((v.stem, np.load(v).astype(np.float32), np.load(o).astype(np.float32)))
+    if not pairs:
+        raise FileNotFoundError(f"no VIIRS tiles (*_viirs_*.npy) under {root / 'viirs'}")
+    return pairs
+
+
+def synthetic_tile(rng: np.random.Generator, size: int = 64) -> Tile:
+    """A synthetic (truth, background, cloud mask) tile, preprocessed exactly like a real one."""
+    truth = synthetic_sst(rng, size)
+    bg = background_for(truth, rng)
+    mask = cloud_mask(rng, size)
+    tile = preprocess(np.where(mask > 0, CLOUD, truth), bg)
+    tile.truth = torch.from_numpy(normalize(truth, tile.lo, tile.hi))[None]
+    tile.mask = torch.from_numpy(mask)[None]  # a synthetic SST of exactly 0.0 must not count as cloud
+    return tile
+
+
+def training_batch(rng: np.random.Generator, batch: int, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, background), each [B, 1, size, size] normalised: the model learns p(x0 | background)."""
+    x0, bg = [], []
+    for _ in range(batch):
+        truth = synthetic_sst(rng, size)
+        back = background_for(truth, rng)
+        lo, hi = minmax_range(back)
+        x0.append(normalize(truth, lo, hi))
+        bg.append(normalize(back, lo, hi))
+    return torch.from_numpy(np.stack(x0))[:, None], torch.from_numpy(np.stack(bg))[:, None]

@@ -8,7 +8,7 @@ import sys
 from .errors import EngineError
 
 # Modules that each define `register(subparsers)`; the subparser sets `func(args) -> int`.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("ddpm_engine.models.train",)
 
 USER_ERRORS = (EngineError, ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, PermissionError)
 

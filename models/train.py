@@ -1,0 +1,160 @@
+"""Train a noise-prediction U-Net with the seed's recipe (Ho et al. 2020 loss, cosine t ~ U(0, 1)) on synthetic SST; `ddpm-engine train`."""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..engine.schedule import CosineSchedule, diffuse
+from .checkpoint import STATE, save_checkpoint, save_torch
+from .data import training_batch
+from .registry import PRESETS, build_model
+
+
+@dataclass
+class TrainConfig:
+    """The recipe: everything needed to reproduce a run (stored in config.json)."""
+
+    preset: str = "sst-small"
+    size: int = 64  # training crop; the U-Net is fully convolutional, so it samples at any size
+    batch: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup: int = 200
+    ema_decay: float = 0.999
+    max_steps: int = 100_000
+    max_minutes: float = 25.0  # wall-time cap; whichever of max_steps / max_minutes comes first
+    save_every: int = 250
+    seed: int = 0
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1.0 - decay)
+
+
+def diffusion_loss(model, x0, background, schedule: CosineSchedule, generator=None) -> torch.Tensor:
+    """The seed's loss: t ~ U(0, 1), x_t = diffuse(x0, t, eps), MSE(model([x_t, background], t), eps)."""
+    t = torch.rand(x0.shape[0], generator=generator)
+    eps = torch.randn(x0.shape, generator=generator)
+    x_t = diffuse(x0, t, eps, schedule)
+    return F.mse_loss(model(torch.cat([x_t, background], dim=1), t), eps)
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    # Linear warm-up then constant: short runs gain nothing from decay before the wall-time cap.
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: bool = True) -> dict:
+    """Train (or resume) into out_dir; returns the summary also stored in config.json."""
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"unknown preset {cfg.preset!r}; must be one of {sorted(PRESETS)}")
+    if cfg.size < 8 or cfg.batch < 1 or cfg.max_steps < 1 or cfg.max_minutes <= 0:
+        raise ValueError("need size >= 8, batch >= 1, max_steps >= 1 and max_minutes > 0")
+    out_dir = Path(out_dir)
+    preset = PRESETS[cfg.preset]
+    torch.manual_seed(cfg.seed)
+    model = build_model(preset["arch"], **preset["model"])
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, elapsed, losses = 0, 0.0, []
+    if resume and (out_dir / STATE).is_file():
+        state = torch.load(out_dir / STATE, map_location="cpu", weights_only=False)
+        # Stopping and saving knobs may change between resumes; the recipe itself may not.
+        free = ("max_steps", "max_minutes", "save_every")
+        if state["train"] != asdict(cfg) | {k: state["train"][k] for k in free}:
+            raise ValueError(f"{out_dir} holds a run with a different recipe; use another --out or --no-resume")
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        step, elapsed, losses = state["step"], state["elapsed"], state["losses"]
+    schedule = CosineSchedule()
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+
+    def save() -> dict:
+        summary = {"arch": preset["arch"], "model": preset["model"], "train": asdict(cfg), "step": step,
+                   "train_seconds": round(elapsed, 1),
+                   "loss_last_100": float(np.mean(losses[-100:])) if losses else None}
+        save_torch({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "elapsed": elapsed, "losses": losses, "train": asdict(cfg)}, out_dir / STATE)
+        save_checkpoint(out_dir, model.state_dict(), summary, ema_state=ema.state_dict())
+        return summary
+
+    model.train()
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {cfg.preset}", disable=not progress,
+               mininterval=5.0, dynamic_ncols=True)
+    start = time.monotonic() - elapsed
+    summary = None
+    while step < cfg.max_steps and elapsed < cfg.max_minutes * 60:
+        # Data seeded by (seed, step): a resumed run sees the batches the uninterrupted one would have.
+        x0, bg = training_batch(np.random.default_rng([cfg.seed, step]), cfg.batch, cfg.size)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        loss = diffusion_loss(model, x0, bg, schedule, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        # EMA warm-up: early weights are noise, so average over at most ~step steps.
+        ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        step += 1
+        elapsed = time.monotonic() - start
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"loss became {loss.item()} at step {step}; lower --lr")
+        losses.append(round(loss.item(), 5))
+        bar.update(1)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}", min=f"{elapsed / 60:.1f}")
+        if step % cfg.save_every == 0:
+            summary = save()
+    bar.close()
+    return save() if summary is None or summary["step"] != step else summary
+
+
+def register(subparsers) -> None:
+    """Add `ddpm-engine train`."""
+    d = TrainConfig()
+    p = subparsers.add_parser(
+        "train", help="train a bundled model preset on synthetic SST tiles",
+        description="Train a CARE-SST U-Net with the seed's recipe (t ~ U(0,1), diffuse, MSE on the noise, AdamW, "
+        "EMA of the weights) on synthetic SST tiles. Writes OUT/model.safetensors (EMA weights) + OUT/config.json "
+        "(atomically, every --save-every steps) and OUT/train_state.pt to resume.")
+    p.add_argument("--preset", default=d.preset, help=f"model preset, one of {sorted(PRESETS)} (default %(default)s)")
+    p.add_argument("--out", required=True, help="checkpoint directory (created; resumed if it holds a run)")
+    p.add_argument("--size", type=int, default=d.size, help="training tile size in pixels (default %(default)s)")
+    p.add_argument("--batch", type=int, default=d.batch, help="tiles per step (default %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="AdamW peak learning rate (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps (default %(default)s)")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="EMA decay (default %(default)s)")
+    p.add_argument("--max-steps", type=int, default=d.max_steps, help="stop after this many steps (default %(default)s)")
+    p.add_argument("--max-minutes", type=float, default=d.max_minutes,
+                   help="stop after this much training wall time, summed over resumes (default %(default)s)")
+    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint interval in steps (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for weights, data and noise (default %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if OUT holds a run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """CLI entry: train and print the summary line."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = {f.name for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    s = train(cfg, args.out, resume=not args.no_resume, progress=not args.quiet)
+    print(f"trained {cfg.preset}: {s['step']} steps in {s['train_seconds'] / 60:.1f} min, "
+          f"loss (last 100 steps) {s['loss_last_100']:.4f} -> {args.out}")
+    return 0

@@ -54,12 +54,22 @@ def _select(cond, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a if cond else b
 
 
-def _blend(x: torch.Tensor, mask: torch.Tensor, x_init: torch.Tensor, eps1: torch.Tensor, row: torch.Tensor):
-    """mask * x + (1 - mask) * diffuse(x_init, t), with diffuse = r_x * x_init + r_z * eps1 from `row`."""
-    if x_init is None or eps1 is None:
-        raise ValueError("a mask needs x_init and the blend noise eps1")
+def _blend_where(flag, x: torch.Tensor, mask, x_init, eps1, row: torch.Tensor, host_flag_ok: bool) -> torch.Tensor:
+    """Where flag: mask * x + (1 - mask) * (r_x * x_init + r_z * eps1) with r_x, r_z from `row`; else x.
+
+    eps1 may be None only where the flag is off; that is checked on the host when `host_flag_ok` (a Python
+    step index), since a device step index must not sync.
+    """
+    if mask is None:
+        return x
+    if x_init is None:
+        raise ValueError("a mask needs x_init (the known pixels)")
+    if eps1 is None:
+        if host_flag_ok and not bool(flag):
+            return x
+        raise ValueError("a blending step needs the blend noise eps1")
     known = row[COL_RX] * x_init + row[COL_RZ] * eps1
-    return mask * x + (1 - mask) * known
+    return torch.where(flag, mask * x + (1 - mask) * known, x)
 
 
 @torch.no_grad()
@@ -89,9 +99,8 @@ def step_torch(
         x_next += row[COL_CZ] * eps2
     if x_out is not None:
         x_out.copy_(x_next)
-    xn = x_next
-    if mask is not None:
-        xn = torch.where(has_next & (nxt[COL_BLEND] != 0), _blend(x_next, mask, x_init, eps1, nxt), x_next)
+    xn = _blend_where(has_next & (nxt[COL_BLEND] != 0), x_next, mask, x_init, eps1, nxt,
+                      host_flag_ok=not isinstance(step, torch.Tensor))
     x.copy_(xn)
     x_channels = model_in[:, :C]
     x_channels.copy_(_select(has_next, xn.to(model_in.dtype), x_channels))
@@ -117,9 +126,7 @@ def initial_torch(
     C = x.shape[1]
     row0 = rows[0]
     x_start = eps0 if init_image is None else row0[COL_RX] * init_image.float() + row0[COL_RZ] * eps0
-    xn = x_start
-    if mask is not None:
-        xn = torch.where(row0[COL_BLEND] != 0, _blend(x_start, mask, x_init, eps1, row0), x_start)
+    xn = _blend_where(row0[COL_BLEND] != 0, x_start, mask, x_init, eps1, row0, host_flag_ok=True)
     x.copy_(xn)
     model_in[:, :C].copy_(xn)
     t_in.copy_(row0[COL_T].to(t_in.dtype).expand_as(t_in))

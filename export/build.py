@@ -1,0 +1,447 @@
+"""`build(model, out_dir, ...)`: PyTorch -> verified ONNX -> backend artefact, written as an engine directory."""
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from ddpm_engine.engine.errors import EngineError, EngineFileError
+
+from .engine_dir import check_engine_dir, hash_files, staging_dir, verify_files
+from .manifest import (BACKENDS, FORMAT, FORMAT_VERSION, gpu_info, library_versions, read_manifest, sha256_json,
+                       write_manifest)
+from .model_source import describe_model, resolve_model, save_model_checkpoint
+from .onnx_export import (DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, TOLERANCES, default_cases, export_onnx, save_onnx,
+                          verify_onnx)
+from .precision import PRECISIONS, convert_precision
+from .profile import Profile, parse_batch, parse_size
+from .tensorrt_build import TensorRTSettings, tensorrt_status
+
+ONNX_NAME = "model.onnx"
+# Bump when a change in this package changes what a build writes: old caches then stop matching.
+BUILDER_VERSION = 1
+_LIB_OF = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt", "torch": "torch"}
+
+Progress = Callable[[str, str, dict], None]
+
+
+@dataclass
+class BuildResult:
+    """Where the engine is, its manifest, whether the whole build was a cache hit, and per-stage timings."""
+
+    directory: Path
+    manifest: dict
+    cached: bool
+    stages: list[dict] = field(default_factory=list)
+
+    @property
+    def backend(self) -> str:
+        return self.manifest["backend"]
+
+
+class _Stages:
+    """Times named stages and reports start/done/reused to an optional progress callback."""
+
+    def __init__(self, progress: Progress | None):
+        self.progress = progress
+        self.done: list[dict] = []
+
+    def run(self, name: str, fn, *args, **kwargs):
+        if self.progress:
+            self.progress(name, "start", {})
+        t0 = time.perf_counter()
+        result = fn(*args, **kwargs)
+        info = {"stage": name, "seconds": round(time.perf_counter() - t0, 3), "reused": False}
+        if isinstance(result, dict) and result.get("_reused"):
+            info["reused"] = True
+        self.done.append(info)
+        if self.progress:
+            self.progress(name, "reused" if info["reused"] else "done", info)
+        return result
+
+    def note(self, message: str) -> None:
+        if self.progress:
+            self.progress(message, "info", {})
+
+
+def is_x86() -> bool:
+    """x86-64 CPU (OpenVINO's CPU plugin target for this project)."""
+    return platform.machine().lower() in ("x86_64", "amd64", "x64", "i686")
+
+
+def resolve_backend(backend: str, precision: str = "fp32") -> str:
+    """'auto': tensorrt with TensorRT + CUDA, else openvino on x86 (fp32/bf16), else onnxruntime."""
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; must be auto or one of {list(BACKENDS)}")
+        return backend
+    if tensorrt_status()[0]:
+        return "tensorrt"
+    try:
+        import openvino  # noqa: F401
+
+        has_ov = True
+    except ImportError:
+        has_ov = False
+    if has_ov and is_x86() and precision in ("fp32", "bf16"):
+        return "openvino"
+    return "onnxruntime"
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)  # same filesystem (the staging dir is beside the target): instant, no extra space
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _reuse(old_dir: Path | None, old: dict | None, name: str, key: str, stage: Path) -> dict | None:
+    """Copy a previous build's artefact into the staging dir when its stage key matches and its files verify."""
+    if not old or old_dir is None:
+        return None
+    entry = old["artefacts"].get(name)
+    if not entry or entry.get("key") != key:
+        return None
+    try:
+        verify_files(old_dir, entry, name)
+    except EngineFileError:
+        return None
+    for rel in entry["files"]:
+        _link_or_copy(old_dir / rel, stage / rel)
+    return {**entry, "_reused": True}
+
+
+def artefact_entry(directory: Path, backend: str, entry: dict) -> dict:
+    """Finish a manifest entry: sha256 of every file, the library version that made it, GPU for TensorRT."""
+    entry = {k: v for k, v in entry.items() if k != "_reused"}
+    files = entry["files"]
+    if isinstance(files, list):
+        entry["files"] = hash_files(directory, files)
+    entry["backend"] = backend if backend in BACKENDS else entry.get("backend")
+    lib = _LIB_OF.get(backend)
+    if lib and "library" not in entry:
+        entry["library"] = {"name": lib, "version": library_versions()[lib]}
+    if backend == "tensorrt":
+        import tensorrt as trt
+
+        entry["library"] = {"name": "tensorrt", "version": trt.__version__}
+        entry["gpu"] = gpu_info()
+    return entry
+
+
+def _stage_keys(desc: dict, profile: Profile, precision: str, io_precision: str, backend: str, opset: int,
+                dynamic_hw: bool, external_data_threshold: int, trt: TensorRTSettings, verify: bool,
+                tolerance: float | None, libs: dict, gpu: dict) -> dict[str, str]:
+    model_key = {"arch": desc["arch"], "config": desc["config"], "weights": desc["weights_sha256"]}
+    base = {"builder": BUILDER_VERSION, "format": FORMAT_VERSION, "model": model_key}
+    onnx_key = sha256_json({**base, "opset": opset, "dynamic_hw": dynamic_hw, "profile": profile.as_dict(),
+                            "external": external_data_threshold, "torch": libs["torch"], "onnx": libs["onnx"],
+                            "verify": verify, "ort": libs["onnxruntime"]})
+    prec_key = sha256_json({"onnx": onnx_key, "precision": precision, "io": io_precision, "verify": verify,
+                            "tolerance": tolerance, "ort": libs["onnxruntime"], "ov": libs["openvino"]})
+    keys = {"torch": sha256_json(base), "onnx": onnx_key, f"onnx_{precision}": prec_key,
+            "onnxruntime": sha256_json({"graph": prec_key, "ort": libs["onnxruntime"]}),
+            "openvino": sha256_json({"graph": onnx_key, "precision": precision, "ov": libs["openvino"],
+                                     "verify": verify, "tolerance": tolerance}),
+            "tensorrt": sha256_json({"graph": prec_key, "trt": libs["tensorrt"], "gpu": gpu, "settings": trt.as_dict(),
+                                     "profile": profile.as_dict()})}
+    keys["cache_key"] = sha256_json({"keys": keys, "backend": backend})
+    return keys
+
+
+def _io_section(desc: dict, precision: str, io_precision: str, dynamic_hw: bool) -> dict:
+    dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[io_precision if precision != "fp32" else "fp32"]
+    hw = ["height", "width"] if dynamic_hw else None
+    return {
+        "inputs": [{"name": "sample", "shape": ["batch", desc["c_in"], *(hw or ["H", "W"])], "dtype": dtype},
+                   {"name": "timestep", "shape": ["batch"], "dtype": dtype}],
+        "outputs": [{"name": "eps", "shape": ["batch", desc["c_out"], *(hw or ["H", "W"])], "dtype": dtype}],
+        "layout": "NCHW",
+    }
+
+
+def _verify_runtime(precision: str) -> str:
+    # ONNX Runtime's CPU provider has fp16 kernels (or runs fp16 nodes in fp32 via inserted casts) but none for
+    # bf16: bf16 graphs are executed by OpenVINO, keeping the graph's own types (bf16 between reduced ops).
+    return "openvino" if precision == "bf16" else "onnxruntime"
+
+
+def build(
+    model_or_name,
+    out_dir: str | os.PathLike,
+    backend: str = "auto",
+    precision: str = "fp32",
+    batch=(1, 1, 8),
+    size=((32, 32), (300, 300), (320, 320)),
+    *,
+    io_precision: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    dynamic_hw: bool = True,
+    verify: bool = True,
+    tolerance: float | None = None,
+    builder_optimization_level: int = 3,
+    workspace_bytes: int = 4 << 30,
+    refit: str | None = None,
+    hardware_compatibility: str | None = None,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    force: bool = False,
+    progress: Progress | None = None,
+    _fail_after: str | None = None,
+) -> BuildResult:
+    """Build an engine directory for one backend and precision; reuse everything a previous identical build made.
+
+    model_or_name: an nn.Module (model(sample [B, c_in, H, W], timestep [B]) -> eps [B, c_out, H, W]), a bundled
+    preset name, a checkpoint directory, a CARE-SST .pth, or an engine directory (rebuild from its kept weights).
+    batch: (min, opt, max) or "MIN:OPT:MAX"; size: (h, w), ((h, w) min, opt, max) or "HxW[:HxW:HxW]".
+    io_precision: "fp32" keeps fp32 I/O for reduced-precision graphs; "fp16"/"bf16" (= precision) reduces it.
+    The directory is written atomically; a failed or killed build leaves the previous engine (or nothing).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if io_precision not in ("fp32", precision):
+        raise ValueError(f"io_precision must be 'fp32' or the engine precision {precision!r}, got {io_precision!r}")
+    out_dir = Path(out_dir)
+    stages = _Stages(progress)
+    model, source = stages.run("load model", resolve_model, model_or_name)
+    backend = resolve_backend(backend, precision)
+    if backend == "openvino" and precision == "fp16":
+        raise ValueError("the openvino backend builds fp32 or bf16 on CPU; use --backend onnxruntime or tensorrt for fp16")
+    batch, sizes = parse_batch(batch), parse_size(size)
+    profile = Profile(batch, sizes, dynamic_hw)
+    trt_settings = TensorRTSettings(builder_optimization_level, workspace_bytes, refit, hardware_compatibility)
+    if backend == "tensorrt":
+        from .tensorrt_build import require_tensorrt
+
+        require_tensorrt()
+    libs, gpu = library_versions(), gpu_info()
+    desc = stages.run("hash weights", describe_model, model, source)
+    keys = _stage_keys(desc, profile, precision, io_precision, backend, opset, dynamic_hw, external_data_threshold,
+                       trt_settings, verify, tolerance, libs, gpu)
+
+    old = None
+    if out_dir.is_dir() and (out_dir / "engine.json").is_file():
+        try:
+            old = read_manifest(out_dir)
+        except EngineFileError:
+            old = None  # a damaged engine is simply rebuilt
+    if old and not force and old.get("cache_key") == keys["cache_key"]:
+        try:
+            check_engine_dir(out_dir, backend)
+            for name in old["artefacts"]:
+                verify_files(out_dir, old["artefacts"][name], name)
+            stages.note(f"cache hit: {out_dir} already holds this build (key {keys['cache_key'][:12]})")
+            return BuildResult(out_dir, old, True, stages.done)
+        except EngineError:
+            pass
+    old_dir = out_dir if old and not force else None
+    old = old if old_dir else None
+
+    with staging_dir(out_dir) as stage:
+        artefacts: dict[str, dict] = {}
+
+        def keep_weights():
+            hit = _reuse(old_dir, old, "torch", keys["torch"], stage)
+            if hit:
+                return hit
+            files = save_model_checkpoint(model, stage, desc)
+            return {"path": "model", "files": files, "precision": "fp32", "format": "safetensors + config.json"}
+
+        artefacts["torch"] = stages.run("save PyTorch weights", keep_weights)
+        if _fail_after == "torch":
+            raise RuntimeError("injected failure after the torch stage (test)")
+
+        def onnx_stage():
+            hit = _reuse(old_dir, old, "onnx", keys["onnx"], stage)
+            if hit:
+                return hit
+            info = export_onnx(model, stage / ONNX_NAME, opt_size=profile.opt_size, opset=opset,
+                               dynamic_hw=dynamic_hw, external_data_threshold=external_data_threshold)
+            entry = {"path": ONNX_NAME, "files": [p.name for p in info.files], "precision": "fp32",
+                     "opset": info.opset, "dynamic_hw": info.dynamic_hw, "external_data": info.external_data,
+                     "note": info.note, "exporter": "torch.onnx (TorchScript, dynamo=False)"}
+            if verify:
+                prof = profile if info.dynamic_hw else profile.static_at(profile.opt_size)
+                cases = default_cases(prof.batch, prof.sizes, info.dynamic_hw)
+                entry["verification"] = verify_onnx(stage / ONNX_NAME, model, cases, precision="fp32",
+                                                    tolerance=tolerance).as_dict()
+            return entry
+
+        artefacts["onnx"] = stages.run("export + verify ONNX (fp32, ONNX Runtime)" if verify else "export ONNX",
+                                       onnx_stage)
+        if not artefacts["onnx"]["dynamic_hw"] and dynamic_hw:
+            stages.note("note: " + artefacts["onnx"]["note"])
+            profile = profile.static_at(profile.opt_size)
+        if _fail_after == "onnx":
+            raise RuntimeError("injected failure after the ONNX stage (test)")
+
+        graph = ONNX_NAME
+        if precision != "fp32" and backend in ("onnxruntime", "tensorrt"):
+            name = f"onnx_{precision}"
+
+            def precision_stage():
+                hit = _reuse(old_dir, old, name, keys[name], stage)
+                if hit:
+                    return hit
+                import onnx
+
+                src = onnx.load(str(stage / ONNX_NAME))
+                low = convert_precision(src, precision, keep_io_types=io_precision == "fp32")
+                files = save_onnx(low, stage / f"model.{precision}.onnx", external_data_threshold)
+                entry = {"path": f"model.{precision}.onnx", "files": [p.name for p in files], "precision": precision,
+                         "io_precision": io_precision, "opset": next(o.version for o in low.opset_import
+                                                                    if o.domain in ("", "ai.onnx")),
+                         "kept_fp32": "norms, softmax, reductions, pow/sqrt/exp, timestep embedding"}
+                if verify:
+                    cases = default_cases(profile.batch, profile.sizes, profile.dynamic_hw)
+                    entry["verification"] = verify_onnx(stage / entry["path"], model, cases, precision=precision,
+                                                        runtime=_verify_runtime(precision),
+                                                        tolerance=tolerance).as_dict()
+                return entry
+
+            artefacts[name] = stages.run(f"convert to {precision} + verify ({_verify_runtime(precision)})",
+                                         precision_stage)
+            graph = artefacts[name]["path"]
+
+        # The ONNX Runtime entry is the graph in the engine's precision: recorded whenever this build made it.
+        if backend == "onnxruntime" or precision == "fp32" or (precision == "fp16" and backend == "tensorrt"):
+            src = artefacts.get(f"onnx_{precision}", artefacts["onnx"])
+            artefacts["onnxruntime"] = {"path": graph, "files": list(src["files"]), "precision": precision,
+                                        "key": keys["onnxruntime"],
+                                        "cpu_runnable": precision != "bf16",
+                                        "verification": src.get("verification")}
+        if _fail_after == "precision":
+            raise RuntimeError("injected failure after the precision stage (test)")
+
+        if backend == "openvino":
+            artefacts["openvino"] = stages.run(
+                f"OpenVINO IR ({precision}) + verify" if verify else f"OpenVINO IR ({precision})",
+                lambda: _reuse(old_dir, old, "openvino", keys["openvino"], stage)
+                or _openvino_stage(stage, model, profile, precision, verify, tolerance))
+        elif backend == "tensorrt":
+            artefacts["tensorrt"] = stages.run(
+                "TensorRT plan", lambda: _reuse(old_dir, old, "tensorrt", keys["tensorrt"], stage)
+                or _tensorrt_stage(stage, old_dir, model, graph, profile, desc["c_in"], trt_settings, verify,
+                                   tolerance, precision, stages))
+        if _fail_after == "backend":
+            raise RuntimeError("injected failure after the backend stage (test)")
+
+        for name, entry in list(artefacts.items()):
+            entry = artefact_entry(stage, name, entry)
+            entry.setdefault("key", keys.get(name))
+            artefacts[name] = entry
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "backend": backend,
+            "precision": precision,
+            "model": desc,
+            "io": _io_section(desc, precision, io_precision, profile.dynamic_hw),
+            "profile": profile.as_dict(),
+            "artefacts": artefacts,
+            "libraries": libs,
+            "gpu": gpu,
+            "build": {"backend_requested": backend, "opset": opset, "dynamic_hw_requested": dynamic_hw,
+                      "verify": verify, "tolerance": tolerance if tolerance is not None else TOLERANCES[precision],
+                      "io_precision": io_precision, "tensorrt": trt_settings.as_dict(),
+                      "external_data_threshold": external_data_threshold, "builder_version": BUILDER_VERSION,
+                      "machine": platform.machine(), "stages": stages.done},
+            "cache_key": keys["cache_key"],
+        }
+        # engine.json is the last file written: a staging dir without it never becomes an engine.
+        write_manifest(stage, manifest)
+        if _fail_after == "manifest":
+            raise RuntimeError("injected failure after the manifest was written (test)")
+    return BuildResult(out_dir, manifest, False, stages.done)
+
+
+def _openvino_stage(stage: Path, model, profile: Profile, precision: str, verify: bool, tolerance) -> dict:
+    from .openvino_build import build_openvino_ir
+
+    entry = build_openvino_ir(stage / ONNX_NAME, stage, precision)
+    if verify:
+        cases = default_cases(profile.batch, profile.sizes, profile.dynamic_hw)
+        entry["verification"] = verify_onnx(stage / entry["path"], model, cases, precision=precision,
+                                            runtime="openvino", openvino_hint=entry["inference_precision_hint"],
+                                            tolerance=tolerance).as_dict()
+    return entry
+
+
+def _tensorrt_stage(stage: Path, old_dir: Path | None, model, graph: str, profile: Profile, c_in: int,
+                    settings: TensorRTSettings, verify: bool, tolerance, precision: str, stages: _Stages) -> dict:
+    from .tensorrt_build import TIMING_CACHE, TRT_DIR, build_tensorrt_plan, verify_plan
+
+    # The timing cache outlives rebuilds: copy the previous one in so unchanged layers are not re-timed.
+    if old_dir is not None and (old_dir / TRT_DIR / TIMING_CACHE).is_file():
+        (stage / TRT_DIR).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(old_dir / TRT_DIR / TIMING_CACHE, stage / TRT_DIR / TIMING_CACHE)
+    entry = build_tensorrt_plan(stage / graph, stage, profile, c_in, settings,
+                                report=lambda msg: stages.note(f"  TensorRT: {msg}"))
+    entry["precision"] = precision
+    if verify:
+        cases = default_cases(profile.batch, profile.sizes, profile.dynamic_hw)
+        entry["verification"] = verify_plan(stage / entry["path"], model, cases, precision=precision,
+                                            tolerance=tolerance)
+    return entry
+
+
+def make_backend_artefact(directory: Path, manifest: dict, backend: str) -> dict:
+    """Derive one backend's artefact inside an existing engine directory (first-use path of ensure_artefact).
+
+    Written into a temporary sub-directory, then renamed into place, so an interrupted derivation leaves the
+    engine as it was. Returns the artefact entry with relative file paths (not yet hashed).
+    """
+    from ddpm_engine.engine.errors import BackendUnavailableError
+
+    precision = manifest["precision"]
+    profile = Profile.from_dict(manifest["profile"])
+    tmp = directory / f".derive-{backend}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        if backend == "openvino":
+            from .openvino_build import build_openvino_ir
+
+            if precision == "fp16":
+                raise BackendUnavailableError(f"{directory} is an fp16 engine and OpenVINO builds fp32 or bf16 on "
+                                              f"CPU; build a bf16 or fp32 engine with `ddpm-engine build {directory} "
+                                              f"-o DIR --backend openvino --precision bf16`")
+            entry = build_openvino_ir(directory / manifest["artefacts"]["onnx"]["path"], tmp, precision)
+        elif backend == "onnxruntime":
+            src = manifest["artefacts"].get(f"onnx_{precision}") or manifest["artefacts"]["onnx"]
+            if src.get("precision", "fp32") != precision:
+                raise EngineFileError(f"{directory} has no {precision} ONNX graph; rebuild it with `ddpm-engine build "
+                                      f"{directory} -o {directory} --backend onnxruntime --precision {precision}`")
+            shutil.rmtree(tmp)
+            return {"path": src["path"], "files": list(src["files"]), "precision": precision,
+                    "cpu_runnable": precision != "bf16", "derived": True}
+        elif backend == "tensorrt":
+            from .tensorrt_build import build_tensorrt_plan
+
+            src = manifest["artefacts"].get(f"onnx_{precision}") or manifest["artefacts"]["onnx"]
+            if src.get("precision", "fp32") != precision:
+                raise EngineFileError(f"{directory} has no {precision} ONNX graph for TensorRT; rebuild with "
+                                      f"`ddpm-engine build {directory} -o {directory} --backend tensorrt "
+                                      f"--precision {precision}`")
+            entry = build_tensorrt_plan(directory / src["path"], tmp, profile, manifest["model"]["c_in"],
+                                        TensorRTSettings(**manifest["build"]["tensorrt"]))
+            entry["precision"] = precision
+        else:
+            raise EngineFileError(f"cannot derive a {backend} artefact")
+        # Move the new files into place (no file of the engine is overwritten: these paths were absent).
+        for rel in sorted({Path(f).parts[0] for f in entry["files"]} | {Path(entry.get("timing_cache", entry["path"])).parts[0]}):
+            src_p, dst_p = tmp / rel, directory / rel
+            if src_p.exists():
+                if dst_p.exists():
+                    shutil.rmtree(dst_p) if dst_p.is_dir() else dst_p.unlink()
+                os.replace(src_p, dst_p)
+        entry["derived"] = True
+        return entry
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

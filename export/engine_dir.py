@@ -1,0 +1,224 @@
+"""The engine directory: atomic staging, artefact hashes, load-time checks, and artefacts derived on first use."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from ddpm_engine.engine.errors import BackendUnavailableError, EngineFileError
+
+from .manifest import (BACKENDS, FORMAT_VERSION, MANIFEST, gpu_info, library_versions, major_minor, read_manifest,
+                       sha256_file, write_manifest)
+
+STAGING_TAG = ".building-"
+OLD_TAG = ".replaced-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_staging(target: Path) -> list[Path]:
+    """Remove staging/old dirs of `target` left by builds whose process is gone (killed with SIGKILL)."""
+    removed = []
+    parent = target.parent
+    if not parent.is_dir():
+        return removed
+    for tag in (STAGING_TAG, OLD_TAG):
+        for p in parent.glob(f".{target.name}{tag}*"):
+            try:
+                pid = int(p.name[len(f".{target.name}{tag}"):].split("-")[0])
+            except ValueError:
+                continue
+            if not _pid_alive(pid):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+@contextlib.contextmanager
+def staging_dir(target: str | os.PathLike):
+    """Yield a fresh directory beside `target`; on success it replaces `target` by rename, on any exception it is
+    deleted. A killed build leaves only a dot-named staging dir (never `target` half-written), which the next
+    build of the same target removes."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_staging(target)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST).is_file():
+        raise FileExistsError(f"{target} exists, is not empty and is not an engine directory; refusing to replace it")
+    stage = target.parent / f".{target.name}{STAGING_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    try:
+        yield stage
+        commit_staging(stage, target)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def commit_staging(stage: Path, target: Path) -> None:
+    """Move a complete staging dir into place: old engine aside (rename), new one in (rename), old one deleted."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}{OLD_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+    try:
+        os.rename(stage, target)
+    except BaseException:
+        if old is not None:
+            os.rename(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def hash_files(root: Path, relpaths) -> dict[str, str]:
+    """{relative path: sha256} for files under root."""
+    return {rel: sha256_file(Path(root) / rel) for rel in relpaths}
+
+
+def _rebuild_hint(directory: Path, backend: str | None = None) -> str:
+    flag = f" --backend {backend}" if backend else ""
+    return f"`ddpm-engine build {directory} -o {directory}{flag}`"
+
+
+def verify_files(directory: Path, entry: dict, what: str) -> None:
+    """Every file of an artefact exists with the recorded sha256 (catches truncation, corruption, swaps)."""
+    directory = Path(directory)
+    files = entry.get("files")
+    if not isinstance(files, dict) or not files:
+        raise EngineFileError(f"{directory / MANIFEST}: the {what} entry lists no files; rebuild the engine")
+    for rel, digest in files.items():
+        path = directory / rel
+        if not path.is_file():
+            raise EngineFileError(f"{directory}: {what} file {rel} is missing; rebuild it with "
+                                  f"{_rebuild_hint(directory, entry.get('backend'))}")
+        if sha256_file(path) != digest:
+            raise EngineFileError(f"{directory}: {what} file {rel} is corrupt, truncated or not the one this manifest "
+                                  f"was written for (sha256 mismatch); rebuild it with "
+                                  f"{_rebuild_hint(directory, entry.get('backend'))}")
+
+
+def _check_library(directory: Path, backend: str, entry: dict) -> None:
+    built = (entry.get("library") or {}).get("version")
+    have = library_versions()
+    if backend == "tensorrt":
+        from .tensorrt_build import require_tensorrt
+
+        trt = require_tensorrt()
+        if built != trt.__version__:
+            raise EngineFileError(f"{directory}: the TensorRT plan was built with TensorRT {built}, this machine has "
+                                  f"{trt.__version__} (plans are tied to one version); rebuild it with "
+                                  f"{_rebuild_hint(directory, 'tensorrt')}")
+        gpu, want = gpu_info(), entry.get("gpu") or {}
+        if (gpu["name"], gpu["compute_capability"]) != (want.get("name"), want.get("compute_capability")):
+            raise EngineFileError(f"{directory}: the TensorRT plan was built for {want.get('name')} (compute "
+                                  f"capability {want.get('compute_capability')}), this machine has {gpu['name']} "
+                                  f"({gpu['compute_capability']}); rebuild it on this GPU with "
+                                  f"{_rebuild_hint(directory, 'tensorrt')}")
+    elif backend == "openvino":
+        if have["openvino"] is None:
+            raise BackendUnavailableError("OpenVINO is not installed; pip install 'ddpm-engine[openvino]'")
+        if major_minor(built) != major_minor(have["openvino"]):
+            raise EngineFileError(f"{directory}: the OpenVINO IR was written by OpenVINO {built}, this machine has "
+                                  f"{have['openvino']}; rebuild it with {_rebuild_hint(directory, 'openvino')} "
+                                  f"(or delete {directory / 'openvino'} and it is re-derived from the ONNX file on load)")
+    elif backend == "onnxruntime":
+        if have["onnxruntime"] is None:
+            raise BackendUnavailableError("ONNX Runtime is not installed; pip install 'ddpm-engine[onnx]'")
+        # ONNX files are forward compatible: only an older runtime than the one that verified the graph may lack
+        # an opset or kernel, so refuse that direction only.
+        if _vtuple(have["onnxruntime"]) < _vtuple(built):
+            raise EngineFileError(f"{directory}: the ONNX graph was verified with ONNX Runtime {built}, this machine "
+                                  f"has the older {have['onnxruntime']}; upgrade onnxruntime or rebuild with "
+                                  f"{_rebuild_hint(directory, 'onnxruntime')}")
+
+
+def _vtuple(v: str | None) -> tuple[int, ...]:
+    mm = major_minor(v)
+    if not mm:
+        return ()
+    try:
+        return tuple(int(x) for x in mm.split("."))
+    except ValueError:
+        return ()
+
+
+def check_engine_dir(directory: str | os.PathLike, backend: str | None = None) -> dict:
+    """Validate an engine directory for `backend` (default: the one it was built for) and return its manifest.
+
+    Refuses, each with one EngineFileError naming what to rebuild: a missing, corrupt or truncated manifest,
+    another format version, an artefact that is not recorded, missing or whose sha256 differs, an artefact from
+    another library version (TensorRT: exact; OpenVINO: major.minor; ONNX Runtime: older than the builder), and a
+    TensorRT plan for another GPU. BackendUnavailableError when the backend's library or GPU is absent.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    backend = backend or manifest.get("backend")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; must be one of {list(BACKENDS)}")
+    entry = manifest["artefacts"].get(backend)
+    if entry is None:
+        raise EngineFileError(f"{directory} has no {backend} artefact; build it with "
+                              f"{_rebuild_hint(directory, backend)} (or load with ensure_artefact, which derives it "
+                              "from the ONNX file where possible)")
+    verify_files(directory, entry, backend)
+    _check_library(directory, backend, entry)
+    return manifest
+
+
+def artefact_path(directory: str | os.PathLike, backend: str | None = None) -> Path:
+    """Checked path of what a backend loads: the ONNX file (onnxruntime), model.xml (openvino), model.plan
+    (tensorrt), or the checkpoint directory (torch)."""
+    directory = Path(directory)
+    manifest = check_engine_dir(directory, backend)
+    return directory / manifest["artefacts"][backend or manifest["backend"]]["path"]
+
+
+def _derive(directory: Path, manifest: dict, backend: str) -> dict:
+    """Make a missing artefact from what the directory holds; returns its manifest entry (with hashes)."""
+    from .build import artefact_entry, make_backend_artefact
+
+    source = manifest["artefacts"].get("onnx")
+    if source is None:
+        raise EngineFileError(f"{directory} has neither a {backend} artefact nor an ONNX file to derive it from; "
+                              f"build it with {_rebuild_hint(directory, backend)}")
+    verify_files(directory, source, "onnx")
+    entry = make_backend_artefact(directory, manifest, backend)
+    return artefact_entry(directory, backend, entry)
+
+
+def ensure_artefact(directory: str | os.PathLike, backend: str) -> Path:
+    """Path of the backend's artefact, deriving it first if the engine lacks it (OpenVINO IR from the ONNX file,
+    ONNX Runtime graph in the engine's precision, TensorRT plan where TensorRT and a GPU exist).
+
+    The new artefact is written to a temporary name, renamed into place, and recorded by an atomic rewrite of
+    engine.json; concurrent first loads at worst derive it twice. Raises EngineFileError / BackendUnavailableError
+    with the command to build it when it cannot be derived here.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; must be one of {list(BACKENDS)}")
+    if backend not in manifest["artefacts"]:
+        if backend == "torch":
+            raise EngineFileError(f"{directory} keeps no PyTorch weights; rebuild it from the original model")
+        entry = _derive(directory, manifest, backend)
+        manifest = read_manifest(directory)  # another process may have added artefacts meanwhile
+        manifest["artefacts"][backend] = entry
+        write_manifest(directory, manifest)
+    return artefact_path(directory, backend)
+
+
+__all__ = ["FORMAT_VERSION", "artefact_path", "check_engine_dir", "clean_stale_staging", "commit_staging",
+           "ensure_artefact", "hash_files", "staging_dir", "verify_files"]

@@ -245,13 +245,16 @@ def verify_onnx(
     precision: str = "fp32",
     runtime: str = "onnxruntime",
     tolerance: float | None = None,
+    openvino_hint: str = "f32",
     seed: int = 0,
 ) -> VerifyReport:
     """Run the graph at every (batch, H, W) case against PyTorch fp32; raise VerificationError on inf/NaN or
     when max|onnx - torch| / max(1, max|torch|) exceeds the tolerance (TOLERANCES[precision] by default).
 
-    runtime="openvino" runs the graph through OpenVINO (bf16 arithmetic for bf16 graphs, which ONNX Runtime's
-    CPU provider has no kernels for).
+    runtime="openvino" runs the graph through OpenVINO, which ONNX Runtime's CPU provider lacks bf16 kernels for.
+    With openvino_hint="f32" OpenVINO keeps the graph's own types (bf16 tensors between reduced ops, fp32 where the
+    graph keeps fp32), as TensorRT's strongly typed network does; "bf16" is how the openvino backend runs an fp32
+    IR (OpenVINO lowers the precision itself).
     """
     path = Path(path)
     tolerance = TOLERANCES[precision] if tolerance is None else float(tolerance)
@@ -259,11 +262,12 @@ def verify_onnx(
     if runtime == "onnxruntime":
         run = _run_onnxruntime(path)
     elif runtime == "openvino":
-        run = _run_openvino(path, "bf16" if precision == "bf16" else "f32")
+        run = _run_openvino(path, openvino_hint)
     else:
         raise ValueError(f"unknown verification runtime {runtime!r}")
     model = model.eval().float().cpu()
-    report = VerifyReport(runtime=runtime, precision=precision, tolerance=tolerance)
+    label = runtime if runtime == "onnxruntime" else f"openvino (INFERENCE_PRECISION_HINT={openvino_hint})"
+    report = VerifyReport(runtime=label, precision=precision, tolerance=tolerance)
     for i, (b, h, w) in enumerate(cases):
         x, t = _example(model, b, (h, w), seed=seed + i)
         with torch.no_grad():

@@ -27,7 +27,7 @@ def synthetic_sst(rng: np.random.Generator, size: int = 64) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     theta = rng.uniform(0, 2 * np.pi)
     # ~0.03 degC/px matches the 10-15 degC range of the real 300 px tiles (see tests/test_models_data.py).
-    sst = rng.uniform(8.0, 24.0) + rng.uniform(0.01, 0.05) * (np.cos(theta) * (xx - size / 2) + np.sin(theta) * (yy - size / 2))
+    sst = rng.uniform(10.0, 22.0) + rng.uniform(0.01, 0.045) * (np.cos(theta) * (xx - size / 2) + np.sin(theta) * (yy - size / 2))
     # Mesoscale/submesoscale eddies: 2-D P(k) ~ k^-4 (1-D slope -3) is the observed SST spectral slope at these scales.
     sst += rng.uniform(0.4, 1.5) * _spectral_field(rng, size, slope=4.0)
     for _ in range(rng.integers(1, 4)):
@@ -38,7 +38,8 @@ def synthetic_sst(rng: np.random.Generator, size: int = 64) -> np.ndarray:
         across = np.cos(phi) * (xx - rng.uniform(0, size)) + np.sin(phi) * (yy - rng.uniform(0, size)) + meander
         sst += rng.uniform(0.5, 2.5) * np.tanh(across / rng.uniform(1.0, 5.0))
     sst += 0.015 * rng.standard_normal((size, size))  # sensor noise
-    return sst.astype(np.float32)
+    # Seawater freezes at about -1.8 degC and open-ocean SST stays below ~32 degC.
+    return np.clip(sst, -1.8, 32.0).astype(np.float32)
 
 
 def background_for(sst: np.ndarray, rng: np.random.Generator, factor: int = 12, bias_std: float = 0.3) -> np.ndarray:

@@ -25,10 +25,10 @@ i + 1 = step i; pass eps* tensors instead for PAIRED_NOISE parity mode):
 Triton is optional: HAS_TRITON says whether the Triton half imported. On CPU set TRITON_INTERPRET=1 before
 triton is first imported to run the kernels in the interpreter (tests do).
 """
-from .step_torch import initial_torch, step_torch
+from .fused_step import initial_torch, step_torch
 
 try:
-    from .step_triton import initial_triton, philox_noise, step_triton
+    from .fused_step_triton import initial_triton, philox_noise, step_triton
 
     HAS_TRITON = True
 except ImportError:  # triton is an optional dependency

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-triton_kernels = pytest.importorskip("ddpm_engine.kernels.step_triton")
+triton_kernels = pytest.importorskip("ddpm_engine.kernels.fused_step_triton")
 philox_noise, MAX_STEPS = triton_kernels.philox_noise, triton_kernels.MAX_STEPS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

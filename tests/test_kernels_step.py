@@ -9,7 +9,7 @@ from ddpm_engine.engine import CosineSchedule, reference_sample, step_table
 from ddpm_engine.engine.samplers import COL_T
 from ddpm_engine.kernels import initial_torch, step_torch
 
-triton_kernels = pytest.importorskip("ddpm_engine.kernels.step_triton")
+triton_kernels = pytest.importorskip("ddpm_engine.kernels.fused_step_triton")
 initial_triton, step_triton, philox_noise = (
     triton_kernels.initial_triton, triton_kernels.step_triton, triton_kernels.philox_noise)
 

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ddpm_engine.engine.samplers import COL_BLEND, COL_CE, COL_CX, COL_CZ, COL_RX, COL_RZ, COL_T, NUM_COLS
 
-from .step_torch import check_rows
+from .fused_step import check_rows
 
 MAX_STEPS = 2**32 - 1  # the phase is one 32-bit counter word
 
@@ -388,14 +388,26 @@ def philox_noise(seed: torch.Tensor, phase: int, shape, *, elem_offset: int = 0,
 _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def compile_step_kernel(arch: int = 90, *, model_dtype=torch.bfloat16, eps_dtype=torch.float16, has_mask=True,
-                        has_noise=True, paired_noise=False, has_out=True, block=1024, num_warps=4,
-                        large_offset=True):
-    """triton.compile the step kernel for CUDA sm_<arch> without a GPU; returns the CompiledKernel (asm: ptx, cubin)."""
+def _compile(fn, sig: dict, constexprs: dict, arch: int, num_warps: int, aligned_ints: tuple):
+    """triton.compile(ASTSource) for CUDA sm_<arch>; pointers and `aligned_ints` marked 16-divisible as the JIT does."""
     from triton.backends.compiler import GPUTarget
 
     if interpreting():
-        raise RuntimeError("compile_step_kernel needs TRITON_INTERPRET unset when triton is imported")
+        raise RuntimeError("compiling for a GPU target needs TRITON_INTERPRET unset when triton is imported")
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]]
+             for n, ty in sig.items() if ty.startswith("*") or n in aligned_ints}
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+def compile_step_kernel(arch: int = 90, *, model_dtype=torch.bfloat16, eps_dtype=torch.float16, has_mask=True,
+                        has_noise=True, paired_noise=False, has_out=True, block=1024, num_warps=4,
+                        large_offset=True, aligned=True):
+    """triton.compile the step kernel for CUDA sm_<arch> without a GPU; returns the CompiledKernel (asm: ptx, cubin).
+
+    `aligned` mirrors the JIT's specialisation of 16-aligned pointers and 16-divisible sizes (300 x 300 tiles).
+    """
     i64 = "i64" if large_offset else "i32"
     sig = {
         "x_ptr": "*fp32", "eps_hat_ptr": "*" + _TRITON_DTYPE[eps_dtype], "rows_ptr": "*fp32", "step_ptr": "*i64",
@@ -408,17 +420,13 @@ def compile_step_kernel(arch: int = 90, *, model_dtype=torch.bfloat16, eps_dtype
     }
     constexprs = {"HAS_MASK": has_mask, "HAS_NOISE": has_noise, "PAIRED_NOISE": paired_noise, "HAS_OUT": has_out,
                   "BLOCK": block}
-    src = triton.compiler.ASTSource(fn=_step_kernel, signature=sig, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    aligned_ints = ("mi_sb", "mi_sc", "m_sb", "m_sc", "HW") if aligned else ()
+    return _compile(_step_kernel, sig, constexprs, arch, num_warps, aligned_ints)
 
 
 def compile_initial_kernel(arch: int = 90, *, model_dtype=torch.bfloat16, has_mask=True, has_init=True,
-                           paired_noise=False, block=1024, num_warps=4):
+                           paired_noise=False, block=1024, num_warps=4, aligned=True):
     """triton.compile the initial-step kernel for CUDA sm_<arch> without a GPU."""
-    from triton.backends.compiler import GPUTarget
-
-    if interpreting():
-        raise RuntimeError("compile_initial_kernel needs TRITON_INTERPRET unset when triton is imported")
     sig = {
         "x_ptr": "*fp32", "rows_ptr": "*fp32", "seed_ptr": "*i64", "model_in_ptr": "*" + _TRITON_DTYPE[model_dtype],
         "mi_sb": "i32", "mi_sc": "i32", "t_in_ptr": "*fp32", "mask_ptr": "*fp32", "m_sb": "i32", "m_sc": "i32",
@@ -427,5 +435,5 @@ def compile_initial_kernel(arch: int = 90, *, model_dtype=torch.bfloat16, has_ma
         "HAS_MASK": "constexpr", "HAS_INIT": "constexpr", "PAIRED_NOISE": "constexpr", "BLOCK": "constexpr",
     }
     constexprs = {"HAS_MASK": has_mask, "HAS_INIT": has_init, "PAIRED_NOISE": paired_noise, "BLOCK": block}
-    src = triton.compiler.ASTSource(fn=_initial_kernel, signature=sig, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    aligned_ints = ("mi_sb", "mi_sc", "m_sb", "m_sc", "HW") if aligned else ()
+    return _compile(_initial_kernel, sig, constexprs, arch, num_warps, aligned_ints)

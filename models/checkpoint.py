@@ -13,7 +13,8 @@ WEIGHTS, CONFIG, EMA_WEIGHTS, STATE = "model.safetensors", "config.json", "ema.s
 FORMAT = "ddpm-engine-checkpoint/1"
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp) on a temporary file beside `path`, then rename it into place."""
     # Write beside the target, then rename: a killed run leaves the old file or the new one, never half of one.
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -30,17 +31,17 @@ def _atomic(path: Path, write) -> None:
 def save_weights(state_dict: dict, path: str | Path) -> None:
     """Save a state dict as safetensors (contiguous CPU copies; safetensors refuses shared storage)."""
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
-    _atomic(Path(path), lambda tmp: save_file(tensors, tmp))
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp))
 
 
 def save_json(obj: dict, path: str | Path) -> None:
     """Write JSON atomically."""
-    _atomic(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
 
 
 def save_torch(obj, path: str | Path) -> None:
     """torch.save atomically (optimizer state for resuming)."""
-    _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
+    atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
 
 
 def save_checkpoint(directory: str | Path, model_state: dict, config: dict, ema_state: dict | None = None) -> Path:

@@ -1,0 +1,174 @@
+"""The public API: `load(dir) -> Engine` and `Engine.sample(...)`, the seed's `sample` on a compiled U-Net."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+from .backends import TorchBackend, check_backend
+from .errors import BackendUnavailableError
+from .reference import INITS
+from .runner import Runner
+from .samplers import step_table
+from .schedule import CosineSchedule
+from .validation import check_sample_inputs
+
+
+def _as_tensor(name: str, value) -> torch.Tensor | None:
+    """numpy or torch -> a float32 CPU tensor (validation happens on it); None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, np.ndarray):
+        if not np.issubdtype(value.dtype, np.floating):
+            raise ValueError(f"{name} must be a floating-point array, got dtype {value.dtype}")
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a numpy array or a torch.Tensor, got {type(value).__name__}")
+    if value.dim() == 3:  # a single image [C, H, W]: the batch of one it obviously means
+        value = value.unsqueeze(0)
+    return value
+
+
+class Engine:
+    """A loaded engine: one backend, one Runner, the model's channel contract and the built profile."""
+
+    def __init__(self, runner: Runner, *, c_in: int, c_out: int, max_batch: int,
+                 size_range: tuple[tuple[int, int], tuple[int, int]] | None = None,
+                 schedule: CosineSchedule | None = None, manifest: dict | None = None):
+        self.runner, self.c_in, self.c_out, self.max_batch = runner, c_in, c_out, max_batch
+        self.size_range, self.schedule, self.manifest = size_range, schedule or CosineSchedule(), manifest or {}
+        self._lock = threading.Lock()  # one Runner, one set of buffers: calls take turns
+
+    @property
+    def backend(self) -> str:
+        return self.runner.backend.name
+
+    def _check_contract(self, background: torch.Tensor, shape) -> None:
+        c_bg = self.c_in - self.c_out
+        if background.shape[1] != c_bg:
+            raise ValueError(f"background has {background.shape[1]} channels; this model takes {c_bg} "
+                             f"(input {self.c_in} = {self.c_out} sample + {c_bg} background)")
+        if self.size_range is not None:
+            (h_min, w_min), (h_max, w_max) = self.size_range
+            h, w = shape[2], shape[3]
+            if not (h_min <= h <= h_max and w_min <= w <= w_max):
+                raise ValueError(f"image size {h}x{w} is outside what this engine was built for "
+                                 f"({h_min}x{w_min} .. {h_max}x{w_max}); rebuild with --size")
+
+    def sample(self, background, mask=None, x_init=None, timesteps: int = 300, sampler: str = "ddpm",
+               t_start: float = 1.0, t_end: float = 0.0, seed: int = 0, generator: torch.Generator | None = None,
+               eta: float = 0.0, tau: float = 1.0, init: str = "noise", return_intermediates: bool = False,
+               intermediates_every: int = 1):
+        """Sample [B, C, H, W] like the seed's `sample`; numpy in gives numpy out.
+
+        seed: fast path, noise keyed by the seed (reproducible per seed, backend and batch split).
+        generator: parity path, noise drawn host-side in the seed's order (equals `reference_sample`).
+        return_intermediates: also return the states after every `intermediates_every`-th step, [K, B, C, H, W].
+        """
+        as_numpy = isinstance(background, np.ndarray)
+        background = _as_tensor("background", background)
+        mask, x_init = _as_tensor("mask", mask), _as_tensor("x_init", x_init)
+        if not isinstance(background, torch.Tensor):
+            raise ValueError("background is required")
+        shape = (background.shape[0] if x_init is None else x_init.shape[0], self.c_out) + tuple(background.shape[2:])
+        shape = check_sample_inputs(background, shape, mask, x_init)
+        self._check_contract(background, shape)
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; must be one of {list(INITS)}")
+        if init == "x_init" and x_init is None:
+            raise ValueError("init='x_init' needs x_init")
+        if init == "background" and background.shape[1] != self.c_out:
+            raise ValueError(f"init='background' needs background with {self.c_out} channels")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+        if isinstance(intermediates_every, bool) or not isinstance(intermediates_every, int) or intermediates_every < 1:
+            raise ValueError(f"intermediates_every must be an integer >= 1, got {intermediates_every!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        table = step_table(self.schedule, sampler, timesteps, t_start, t_end, eta=eta, tau=tau)
+        init_image = {"noise": None, "background": background, "x_init": x_init}[init]
+
+        outputs, inters = [], []
+        with self._lock:
+            # Batches above the built maximum run in chunks; chunk k uses seed + k so chunks differ.
+            for k, start in enumerate(range(0, shape[0], self.max_batch)):
+                part = slice(start, start + self.max_batch)
+                x, xs = self._run_chunk(table, background[part], mask, x_init, init_image, part,
+                                        seed + k, generator, return_intermediates, intermediates_every)
+                outputs.append(x)
+                inters.append(xs)
+        x = torch.cat(outputs)
+        result = (x, torch.cat(inters, dim=1)) if return_intermediates else x
+        if as_numpy:
+            return tuple(r.numpy() for r in result) if return_intermediates else result.numpy()
+        return result
+
+    def _run_chunk(self, table, background, mask, x_init, init_image, part, seed, generator, keep, every):
+        dev = self.runner.device
+        b, h, w = background.shape[0], background.shape[2], background.shape[3]
+        bufs = self.runner.buffers(b, h, w)
+        to = lambda t: None if t is None else t.to(dev, torch.float32)  # noqa: E731
+        chunk_mask = None if mask is None else (mask if mask.shape[0] == 1 else mask[part])
+        inters = None
+        if keep:
+            inters = torch.empty(table.timesteps // every, b, self.c_out, h, w, device=dev)
+        x = self.runner.run(bufs, table, to(background), mask=to(chunk_mask),
+                            x_init=None if x_init is None else to(x_init[part]),
+                            init_image=None if init_image is None else to(init_image[part]),
+                            seed=seed, generator=generator, intermediates=inters, every=every)
+        # One copy out (and, on CUDA, the one host sync of the run) so the next call can reuse the buffers.
+        return x.to("cpu", copy=True), (inters.cpu() if keep else None)
+
+
+def _open_backend(directory, manifest: dict, backend: str, device: torch.device, threads: int | None,
+                  compile: bool):
+    """The backend object for an engine directory, deriving its artefact on first use where possible."""
+    from ddpm_engine.export import ensure_artefact
+
+    path = ensure_artefact(directory, backend)  # checks hashes, versions and GPU; derives a missing artefact
+    precision = manifest["artefacts"].get(backend, {}).get("precision", manifest["precision"])
+    if backend == "torch":
+        from ddpm_engine.export.model_source import load_torch_model
+
+        # Reduced precision only where torch has fast kernels for it; on CPU the torch backend stays fp32.
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+        return TorchBackend(load_torch_model(directory), device, dtype if device.type == "cuda" else torch.float32,
+                            compile=compile)
+    if backend == "onnxruntime":
+        from .backend_onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(path, device, threads=threads)
+    if backend == "openvino":
+        from .backend_openvino import OpenVinoBackend
+
+        return OpenVinoBackend(path, precision=precision, threads=threads)
+    from .backend_tensorrt import TensorRTBackend
+
+    return TensorRTBackend(path, device)
+
+
+def load(directory, backend: str | None = None, step: str | None = None, device: str | None = None,
+         cuda_graphs: bool = True, debug: bool = False, threads: int | None = None,
+         compile: bool = False) -> Engine:
+    """Open an engine directory for `backend` (default: the one it was built for) and return a ready Engine.
+
+    step: "torch" or "triton" (default: Triton on CUDA, torch on CPU); device: "cpu"/"cuda" (default: CUDA for
+    tensorrt, and for torch/onnxruntime where a GPU is visible); debug: check buffer addresses on graph replay.
+    """
+    from ddpm_engine.export import Profile, read_manifest
+
+    manifest = read_manifest(directory)
+    backend = check_backend(backend or manifest["backend"])
+    if device is None:
+        device = "cuda" if backend == "tensorrt" or (backend == "torch" and torch.cuda.is_available()) else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailableError("device 'cuda' requested but no CUDA GPU is visible")
+    impl = _open_backend(directory, manifest, backend, device, threads, compile)
+    model = manifest["model"]
+    profile = Profile.from_dict(manifest["profile"])
+    runner = Runner(impl, c_out=int(model["c_out"]), c_in=int(model["c_in"]), step=step,
+                    cuda_graphs=cuda_graphs, debug=debug)
+    return Engine(runner, c_in=int(model["c_in"]), c_out=int(model["c_out"]), max_batch=profile.batch[2],
+                  size_range=(profile.sizes[0], profile.sizes[2]), manifest=manifest)

@@ -1,0 +1,70 @@
+"""U-Net backends behind one small interface: bind preallocated buffers once, then run in place."""
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Protocol
+
+import torch
+
+from .errors import BackendUnavailableError
+
+BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
+# Where each backend's library comes from, for the error that says what to install.
+_EXTRAS = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino"),
+           "tensorrt": ("tensorrt", "tensorrt")}
+
+
+class Backend(Protocol):
+    """Runs eps = unet(sample, timestep) on buffers the Runner owns (TensorRT's bind/execute vocabulary)."""
+
+    name: str
+    device: torch.device
+    dtype: torch.dtype  # of the sample and eps buffers
+
+    def bind(self, sample: torch.Tensor, timestep: torch.Tensor, eps: torch.Tensor) -> Callable[[], None]:
+        """Bind one buffer set ([B, C_in, H, W], [B], [B, C_out, H, W]); the returned call writes eps in place."""
+
+
+def check_backend(name: str) -> str:
+    """Return the backend name or raise a ValueError listing the allowed ones."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; must be one of {list(BACKENDS)}")
+    return name
+
+
+def require(module: str):
+    """Import an optional backend library, or raise BackendUnavailableError naming the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        extra = next((e for m, e in _EXTRAS.values() if m == module), module)
+        raise BackendUnavailableError(
+            f"{module} is not installed ({exc}); install it with: pip install 'ddpm-engine[{extra}]'") from None
+
+
+def is_available(name: str) -> bool:
+    """Whether the backend's library (and, for TensorRT, a CUDA device) is present here."""
+    check_backend(name)
+    if name == "torch":
+        return True
+    if name == "tensorrt" and not torch.cuda.is_available():
+        return False
+    return importlib.util.find_spec(_EXTRAS[name][0]) is not None
+
+
+class TorchBackend:
+    """Eager (or torch.compile'd) PyTorch; the weights from the engine directory, on CPU or CUDA."""
+
+    name = "torch"
+
+    def __init__(self, model: torch.nn.Module, device="cpu", dtype=torch.float32, compile: bool = False):
+        self.device, self.dtype = torch.device(device), dtype
+        self.model = model.to(self.device, dtype).eval()
+        self._forward = torch.compile(self.model, dynamic=False) if compile else self.model
+
+    def bind(self, sample, timestep, eps):
+        @torch.no_grad()
+        def run():
+            eps.copy_(self._forward(sample, timestep.to(self.dtype)))
+
+        return run

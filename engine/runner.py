@@ -1,0 +1,211 @@
+"""The Runner: static buffers per (batch, H, W), one U-Net call plus one fused step per timestep, CUDA graphs on GPU."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ddpm_engine.kernels import initial_torch, step_torch
+
+from .backends import Backend
+from .samplers import COL_BLEND, StepTable
+
+STEP_IMPLS = ("torch", "triton")
+
+
+@dataclass
+class BufferSet:
+    """Everything one (batch, H, W) needs, allocated once; graphs and bindings refer to these addresses."""
+
+    sample: torch.Tensor  # U-Net input [B, C + C_bg, H, W], backend dtype; background channels written per run
+    timestep: torch.Tensor  # U-Net time input [B], fp32
+    eps: torch.Tensor  # U-Net output [B, C, H, W], backend dtype
+    x: torch.Tensor  # sampler state [B, C, H, W], fp32
+    x_init: torch.Tensor  # known image, fp32
+    mask: torch.Tensor  # 1 = generate, fp32 [B, C, H, W]
+    init: torch.Tensor  # image the loop starts from, diffused to t_start (CARE-SST variant), fp32
+    noise: tuple[torch.Tensor, torch.Tensor]  # (eps0 / eps2, eps1): host-drawn noise
+    step: torch.Tensor  # int64 [1]: the step index the kernel reads (advanced on the device)
+    seed: torch.Tensor  # int64 [1]: the Philox key
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)  # step table buffers per T (graphs read them)
+    run_unet: Callable[[], None] | None = None
+    graphs: dict = field(default_factory=dict)  # (T, draws_noise, masked) -> (CUDAGraph, captured addresses)
+
+    def addresses(self) -> tuple[int, ...]:
+        return tuple(t.data_ptr() for t in (self.sample, self.timestep, self.eps, self.x, self.x_init, self.mask,
+                                            self.init, self.step, self.seed))
+
+
+class Runner:
+    """Drives the timestep loop for one backend; not thread-safe by itself (Engine holds a lock around it)."""
+
+    def __init__(self, backend: Backend, c_out: int, c_in: int, step: str | None = None,
+                 cuda_graphs: bool = True, max_buffer_sets: int = 8, debug: bool = False):
+        self.backend, self.c_out, self.c_in = backend, c_out, c_in
+        self.device = backend.device
+        if step is None:
+            step = "triton" if self.device.type == "cuda" else "torch"
+        if step not in STEP_IMPLS:
+            raise ValueError(f"unknown step implementation {step!r}; must be one of {list(STEP_IMPLS)}")
+        if step == "triton":
+            from ddpm_engine import kernels
+
+            if not kernels.HAS_TRITON:
+                raise ValueError("step='triton' needs the triton package: pip install 'ddpm-engine[triton]'")
+        self.step_impl = step
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and step == "triton"
+        self.max_buffer_sets, self.debug = max_buffer_sets, debug
+        self._sets: OrderedDict[tuple[int, int, int], BufferSet] = OrderedDict()
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+
+    # -- buffers ---------------------------------------------------------------------------------
+
+    def buffers(self, batch: int, height: int, width: int) -> BufferSet:
+        """The buffer set for this size, allocated and bound on first use (least recently used one evicted)."""
+        key = (batch, height, width)
+        if key in self._sets:
+            self._sets.move_to_end(key)
+            return self._sets[key]
+        if len(self._sets) >= self.max_buffer_sets:
+            self._sets.popitem(last=False)
+        dev, dt, c = self.device, self.backend.dtype, self.c_out
+        state = lambda: torch.zeros(batch, c, height, width, device=dev)  # noqa: E731
+        bufs = BufferSet(
+            sample=torch.zeros(batch, self.c_in, height, width, device=dev, dtype=dt),
+            timestep=torch.zeros(batch, device=dev),
+            eps=torch.zeros(batch, c, height, width, device=dev, dtype=dt),
+            x=state(), x_init=state(), mask=state(), init=state(), noise=(state(), state()),
+            step=torch.zeros(1, dtype=torch.int64, device=dev),
+            seed=torch.zeros(1, dtype=torch.int64, device=dev),
+        )
+        bufs.run_unet = self.backend.bind(bufs.sample, bufs.timestep, bufs.eps)
+        self._sets[key] = bufs
+        return bufs
+
+    def _rows(self, bufs: BufferSet, table: StepTable) -> torch.Tensor:
+        # One persistent rows buffer per T: a captured graph reads its address, so new tables are copied in.
+        rows = bufs.rows.get(table.timesteps)
+        if rows is None:
+            rows = bufs.rows[table.timesteps] = torch.empty_like(table.rows, device=self.device)
+        rows.copy_(table.rows, non_blocking=True)
+        return rows
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def run(self, bufs: BufferSet, table: StepTable, background: torch.Tensor, mask=None, x_init=None,
+            init_image=None, seed: int = 0, generator: torch.Generator | None = None,
+            intermediates: torch.Tensor | None = None, every: int = 1) -> torch.Tensor:
+        """Sample into bufs.x from inputs already shaped [B, ...]; returns bufs.x (valid until the next run).
+
+        generator: noise drawn host-side in the seed's order (parity with reference_sample);
+        otherwise `seed` keys the noise (in-kernel Philox for Triton, a seeded torch.Generator for torch).
+        intermediates: a [T // every, B, C, H, W] buffer receiving the state after every `every`-th step.
+        """
+        c = self.c_out
+        bufs.sample[:, c:].copy_(background)  # background channels: written once per run, read T times
+        if mask is not None:
+            bufs.mask.copy_(mask.expand_as(bufs.mask))
+            bufs.x_init.copy_(x_init)
+        if init_image is not None:
+            bufs.init.copy_(init_image)
+        rows = self._rows(bufs, table)
+        host_noise = generator is not None or self.step_impl == "torch"
+        if host_noise:
+            if generator is None:
+                generator = torch.Generator(device=self.device).manual_seed(int(seed))
+            self._loop_host_noise(bufs, table, rows, mask is not None, init_image is not None, generator,
+                                  intermediates, every)
+        else:
+            self._loop_device_noise(bufs, table, rows, mask is not None, init_image is not None, int(seed),
+                                    intermediates, every)
+        return bufs.x
+
+    def _loop_host_noise(self, bufs, table, rows, masked, has_init, gen, intermediates, every):
+        """Noise from `gen` in the seed's order: x_T; then per step eps1 (blending steps), then eps2."""
+        host_rows = table.rows.tolist()
+        T = table.timesteps
+        eps_a, eps_b = bufs.noise
+        blends = [masked and r[COL_BLEND] != 0 for r in host_rows]
+        mask, x_init = (bufs.mask, bufs.x_init) if masked else (None, None)
+        init_img = bufs.init if has_init else None
+
+        torch.randn(eps_a.shape, generator=gen, device=self.device, out=eps_a)
+        eps1 = torch.randn(eps_b.shape, generator=gen, device=self.device, out=eps_b) if blends[0] else None
+        if self.step_impl == "triton":
+            from ddpm_engine.kernels import initial_triton, step_triton
+
+            initial_triton(bufs.x, rows, None, model_in=bufs.sample, t_in=bufs.timestep,
+                           mask=mask if blends[0] else None, x_init=x_init, init_image=init_img,
+                           eps0=eps_a, eps1=eps1)
+            bufs.step.zero_()
+        else:
+            initial_torch(bufs.x, rows, eps_a, eps1, model_in=bufs.sample, t_in=bufs.timestep,
+                          mask=mask if blends[0] else None, x_init=x_init, init_image=init_img)
+        for i in range(T):
+            bufs.run_unet()
+            eps2 = torch.randn(eps_a.shape, generator=gen, device=self.device, out=eps_a) \
+                if table.draws_step_noise else None
+            blend_next = i + 1 < T and blends[i + 1]
+            eps1 = torch.randn(eps_b.shape, generator=gen, device=self.device, out=eps_b) if blend_next else None
+            x_out = intermediates[i // every] if intermediates is not None and (i + 1) % every == 0 else None
+            if self.step_impl == "triton":
+                step_triton(bufs.x, bufs.eps, rows, bufs.step, None, model_in=bufs.sample, t_in=bufs.timestep,
+                            mask=mask if blend_next else None, x_init=x_init, x_out=x_out,
+                            draws_step_noise=eps2 is not None, eps1=eps1, eps2=eps2)
+                bufs.step.add_(1)
+            else:
+                step_torch(bufs.x, bufs.eps, rows, i, eps2, eps1, model_in=bufs.sample, t_in=bufs.timestep,
+                           mask=mask if blend_next else None, x_init=x_init, x_out=x_out)
+
+    def _loop_device_noise(self, bufs, table, rows, masked, has_init, seed, intermediates, every):
+        """Fast path: in-kernel Philox noise, step index on the device; on CUDA, one graph replayed T times."""
+        from ddpm_engine.kernels import initial_triton, step_triton
+
+        mask, x_init = (bufs.mask, bufs.x_init) if masked else (None, None)
+        init_img = bufs.init if has_init else None
+        bufs.seed.fill_(seed)
+        bufs.step.zero_()
+        initial_triton(bufs.x, rows, bufs.seed, model_in=bufs.sample, t_in=bufs.timestep, mask=mask,
+                       x_init=x_init, init_image=init_img)
+
+        def one_step(x_out=None):
+            bufs.run_unet()
+            step_triton(bufs.x, bufs.eps, rows, bufs.step, bufs.seed, model_in=bufs.sample, t_in=bufs.timestep,
+                        mask=mask, x_init=x_init, x_out=x_out, draws_step_noise=table.draws_step_noise)
+            bufs.step.add_(1)
+
+        if self.cuda_graphs and intermediates is None:
+            graph = self._graph(bufs, (table.timesteps, table.draws_step_noise, masked), one_step)
+            for _ in range(table.timesteps):
+                graph.replay()
+            return
+        for i in range(table.timesteps):
+            take = intermediates is not None and (i + 1) % every == 0
+            one_step(intermediates[i // every] if take else None)
+
+    def _graph(self, bufs: BufferSet, key, one_step) -> torch.cuda.CUDAGraph:
+        """Capture one step (U-Net + fused step + step += 1) once per buffer set and loop kind; replay it T times."""
+        entry = bufs.graphs.get(key)
+        if entry is not None:
+            graph, addresses = entry
+            if self.debug and addresses != bufs.addresses():
+                raise RuntimeError("CUDA graph buffers moved since capture: the graph would read stale memory")
+            return graph
+        # Warm up on a side stream (lazy initialisation, autotuning and TensorRT's first enqueue must not
+        # be captured), then capture on it; the step counter is restored so the replayed run starts at 0.
+        saved = (bufs.x.clone(), bufs.sample.clone(), bufs.timestep.clone(), bufs.step.clone())
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            one_step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, stream=side):
+            one_step()
+        for buf, value in zip((bufs.x, bufs.sample, bufs.timestep, bufs.step), saved):
+            buf.copy_(value)
+        bufs.graphs[key] = (graph, bufs.addresses())
+        return graph

@@ -301,8 +301,8 @@ def build(
                 if verify:
                     cases = default_cases(profile.batch, profile.sizes, profile.dynamic_hw)
                     entry["verification"] = verify_onnx(stage / entry["path"], model, cases, precision=precision,
-                                                        runtime=_verify_runtime(precision),
-                                                        tolerance=tolerance).as_dict()
+                                                        runtime=_verify_runtime(precision), tolerance=tolerance,
+                                                        fp32_graph=stage / ONNX_NAME).as_dict()
                 return entry
 
             artefacts[name] = stages.run(f"convert to {precision} + verify ({_verify_runtime(precision)})",

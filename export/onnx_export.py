@@ -20,6 +20,10 @@ EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
 # Odd sizes a U-Net with stride-2 stages must survive (75 -> 37 -> 18 and back, padded to the skip).
 ODD_SIZES = ((37, 29), (75, 75))
 
+# Threads for verification runs (torch, ONNX Runtime, OpenVINO); unset = the libraries' defaults. On a loaded
+# machine, 1 avoids oversubscription stalls (a 2-thread torch forward can be 50x slower than a 1-thread one).
+VERIFY_THREADS_ENV = "DDPM_ENGINE_VERIFY_THREADS"
+
 # Max abs error vs PyTorch, scaled by max(1, max |eps_torch|), that verification accepts per precision.
 TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}
 
@@ -48,6 +52,7 @@ class VerifyReport:
     precision: str
     tolerance: float
     cases: list[dict] = field(default_factory=list)
+    range_check: dict | None = None
 
     @property
     def worst(self) -> dict:
@@ -66,6 +71,7 @@ class VerifyReport:
             "max_abs_err": self.max_abs_err,
             "worst": self.worst,
             "cases": self.cases,
+            **({"fp16_range_check": self.range_check} if self.range_check else {}),
         }
 
 
@@ -127,6 +133,7 @@ def _probe_dynamic_hw(path: Path, model, opt_size: tuple[int, int]) -> None:
         if not ok:
             raise RuntimeError(f"the graph traced at {h}x{w} gives wrong results or fails at {probe[0]}x{probe[1]}")
         return
+    raise RuntimeError(f"the PyTorch model itself runs at none of the probe sizes around {h}x{w}")
 
 
 def save_onnx(proto, path: Path, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[Path]:
@@ -141,6 +148,7 @@ def save_onnx(proto, path: Path, external_data_threshold: int = EXTERNAL_DATA_TH
     if external:
         onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024)
+        os.chmod(data, 0o644)  # onnx creates it 0600; engines are shared read-only artefacts
         return [path, data]
     onnx.save_model(proto, str(path))
     return [path]
@@ -198,11 +206,20 @@ def default_cases(batch: tuple[int, int, int], sizes: tuple, dynamic_hw: bool) -
     return list(dict.fromkeys(cases))
 
 
+def _verify_threads() -> int | None:
+    value = os.environ.get(VERIFY_THREADS_ENV)
+    return int(value) if value else None
+
+
 def _run_onnxruntime(path: Path):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    # A one-off check: no spinning worker threads competing with PyTorch's.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if _verify_threads():
+        so.intra_op_num_threads = _verify_threads()
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     in_type = sess.get_inputs()[0].type
 
@@ -228,13 +245,71 @@ def _run_openvino(path: Path, hint: str):
     for i, port in enumerate(graph.outputs):
         if port.get_element_type() != ov.Type.f32:
             ppp.output(i).tensor().set_element_type(ov.Type.f32)
-    compiled = core.compile_model(ppp.build(), "CPU", {"INFERENCE_PRECISION_HINT": hint})
+    config = {"INFERENCE_PRECISION_HINT": hint}
+    if _verify_threads():
+        config["INFERENCE_NUM_THREADS"] = _verify_threads()
+    compiled = core.compile_model(ppp.build(), "CPU", config)
 
     def run(x: np.ndarray, t: np.ndarray) -> np.ndarray:
         out = compiled({"sample": x, "timestep": t})
         return np.asarray(out[compiled.outputs[0]], dtype=np.float32)
 
     return run
+
+
+FP16_MAX = 65504.0
+
+
+def _fp16_tensor_sources(low_path: Path) -> list[str]:
+    """Names, in the fp32 graph, of every tensor the fp16 graph stores in fp16 (its casts map to their source)."""
+    import onnx
+
+    low = onnx.load(str(low_path), load_external_data=False)
+    inits = {i.name for i in low.graph.initializer}
+    inputs = {i.name for i in low.graph.input}
+    names = []
+    for vi in list(low.graph.value_info) + list(low.graph.output):
+        if vi.type.tensor_type.elem_type != onnx.TensorProto.FLOAT16 or vi.name in inits:
+            continue
+        name = vi.name
+        for suffix in ("__cast_fp16", "__fp16"):
+            name = name.removesuffix(suffix)
+        if name not in inputs:
+            names.append(name)
+    return sorted(set(names))
+
+
+def _fp16_range_check(fp32_path: Path, low_path: Path, feeds: list[tuple[tuple, np.ndarray, np.ndarray]]) -> dict:
+    """Run the fp32 graph exposing every tensor the fp16 graph keeps in fp16; the largest |value| says whether
+    fp16 storage overflows. CPU runtimes fuse fp16 casts away (computing in fp32), so they cannot show this."""
+    import onnx
+    import onnxruntime as ort
+
+    names = _fp16_tensor_sources(low_path)
+    proto = onnx.load(str(fp32_path))
+    produced = {o for n in proto.graph.node for o in n.output}
+    have = {o.name for o in proto.graph.output}
+    names = [n for n in names if n in produced and n not in have]
+    for n in names:
+        proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
+    if proto.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+        return {"checked": False, "reason": "graph too large for an in-memory range check"}
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if _verify_threads():
+        so.intra_op_num_threads = _verify_threads()
+    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    out_names = [o.name for o in sess.get_outputs()]
+    worst = {"checked": True, "tensor": None, "max_abs": 0.0, "limit": FP16_MAX, "tensors": len(names)}
+    for case, x, t in feeds:
+        for name, value in zip(out_names, sess.run(None, {"sample": x, "timestep": t})):
+            if name not in names and name != "eps":
+                continue
+            m = float(np.abs(value).max()) if value.size else 0.0
+            if not np.isfinite(m) or m > worst["max_abs"]:
+                worst.update(tensor=name, max_abs=m, batch=case[0], height=case[1], width=case[2])
+    return worst
 
 
 def verify_onnx(
@@ -246,6 +321,7 @@ def verify_onnx(
     runtime: str = "onnxruntime",
     tolerance: float | None = None,
     openvino_hint: str = "f32",
+    fp32_graph: str | os.PathLike | None = None,
     seed: int = 0,
 ) -> VerifyReport:
     """Run the graph at every (batch, H, W) case against PyTorch fp32; raise VerificationError on inf/NaN or
@@ -255,6 +331,8 @@ def verify_onnx(
     With openvino_hint="f32" OpenVINO keeps the graph's own types (bf16 tensors between reduced ops, fp32 where the
     graph keeps fp32), as TensorRT's strongly typed network does; "bf16" is how the openvino backend runs an fp32
     IR (OpenVINO lowers the precision itself).
+    fp32_graph (fp16 graphs): the fp32 source, run with every tensor the fp16 graph stores in fp16 exposed; any
+    above 65504 fails as an overflow naming the tensor (CPU runtimes fuse the casts away and would hide it).
     """
     path = Path(path)
     tolerance = TOLERANCES[precision] if tolerance is None else float(tolerance)
@@ -266,6 +344,27 @@ def verify_onnx(
     else:
         raise ValueError(f"unknown verification runtime {runtime!r}")
     model = model.eval().float().cpu()
+    torch_threads = torch.get_num_threads()
+    if _verify_threads():
+        torch.set_num_threads(_verify_threads())
+    try:
+        report = _compare(run, path, model, cases, runtime, openvino_hint, precision, tolerance, seed)
+        if precision == "fp16" and fp32_graph is not None:
+            feeds = [((b, h, w), *(a.numpy() for a in _example(model, b, (h, w), seed=seed + i)))
+                     for i, (b, h, w) in enumerate(cases)]
+            rng = _fp16_range_check(Path(fp32_graph), path, feeds)
+            report.range_check = rng
+            if rng.get("checked") and not (rng["max_abs"] <= FP16_MAX):
+                raise VerificationError(
+                    f"{path.name} (fp16) overflows: tensor {rng['tensor']!r} reaches |x| = {rng['max_abs']:.3g} > "
+                    f"{FP16_MAX:g} (fp16 max) at batch {rng['batch']}, {rng['height']}x{rng['width']}; build in bf16 "
+                    "or fp32, or rescale the model")
+        return report
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
+def _compare(run, path, model, cases, runtime, openvino_hint, precision, tolerance, seed) -> VerifyReport:
     label = runtime if runtime == "onnxruntime" else f"openvino (INFERENCE_PRECISION_HINT={openvino_hint})"
     report = VerifyReport(runtime=label, precision=precision, tolerance=tolerance)
     for i, (b, h, w) in enumerate(cases):

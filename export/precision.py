@@ -126,6 +126,11 @@ def plan_precision(model, precision: str, keep_fp32_ops=frozenset()) -> dict[int
                 derived |= reduced_from.get(i, set())
             if node.op_type in REDUCTIONS:
                 derived |= set(live_in)
+                # Also what a square/abs/centring just before the reduction was applied to: in
+                # y / sqrt(sum(y * y)) the reduction is over y*y, but the Div pairs its result with y.
+                for i in live_in:
+                    if i in producer and g.node[producer[i]].op_type in ("Mul", "Pow", "Abs", "Sub"):
+                        derived |= {j for j in g.node[producer[i]].input if j and is_float(j)}
             for out in node.output:
                 reduced_from[out] = set(derived)
     return plan

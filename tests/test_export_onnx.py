@@ -1,0 +1,74 @@
+"""ONNX export: names, dynamic batch and H/W at odd sizes, static fallback, external data, verification errors."""
+import onnx
+import pytest
+import torch
+
+from ddpm_engine.export import TOLERANCES, VerificationError, export_onnx, verify_onnx
+from export_standin import FixedSizeNet, TinyUNet
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    # 2 shared cores: one thread per library avoids oversubscription stalls.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("DDPM_ENGINE_VERIFY_THREADS", "1")
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return TinyUNet().eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny, tmp_path_factory):
+    torch.set_num_threads(1)
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    return export_onnx(tiny, path, opt_size=(24, 24))
+
+
+def test_export_names_and_dynamic_axes(tiny_onnx):
+    proto = onnx.load(str(tiny_onnx.path))
+    assert [i.name for i in proto.graph.input] == ["sample", "timestep"]
+    assert [o.name for o in proto.graph.output] == ["eps"]
+    dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 2, "height", "width"]
+    assert tiny_onnx.dynamic_hw and not tiny_onnx.external_data and tiny_onnx.files == [tiny_onnx.path]
+
+
+def test_dynamic_graph_matches_pytorch_at_odd_sizes_and_batches(tiny, tiny_onnx):
+    report = verify_onnx(tiny_onnx.path, tiny, [(1, 24, 24), (3, 37, 29), (2, 75, 75), (5, 9, 13)])
+    print("fp32 ONNX Runtime vs PyTorch:", [(c["batch"], c["height"], c["width"], f"{c['max_abs_err']:.2e}")
+                                           for c in report.cases])
+    assert report.max_abs_err < TOLERANCES["fp32"]
+    assert {(c["height"], c["width"]) for c in report.cases} >= {(37, 29), (75, 75)}
+
+
+def test_verification_failure_names_worst_case_and_error(tiny, tiny_onnx):
+    other = TinyUNet().eval()  # same architecture, other weights
+    with pytest.raises(VerificationError) as err:
+        verify_onnx(tiny_onnx.path, other, [(1, 24, 24), (2, 37, 29)])
+    msg = str(err.value)
+    assert "eps at batch" in msg and "max abs error" in msg and "tolerance 0.0001" in msg
+
+
+def test_model_with_baked_size_falls_back_to_static_with_note(tmp_path):
+    net = FixedSizeNet().eval()
+    info = export_onnx(net, tmp_path / "m.onnx", opt_size=(8, 8))
+    assert not info.dynamic_hw
+    assert "static size 8x8" in info.note
+    dims = [d.dim_param or d.dim_value for d in onnx.load(str(info.path)).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 2, 8, 8]
+    verify_onnx(info.path, net, [(1, 8, 8), (3, 8, 8)])
+
+
+def test_large_model_gets_external_data_file(tiny, tmp_path):
+    # A threshold of 1 kB stands in for protobuf's 2 GB limit.
+    info = export_onnx(tiny, tmp_path / "big.onnx", opt_size=(16, 16), external_data_threshold=1024)
+    assert info.external_data and (tmp_path / "big.onnx.data").is_file()
+    proto = onnx.load(str(tmp_path / "big.onnx"), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    verify_onnx(info.path, tiny, [(2, 19, 17)])

@@ -7,8 +7,6 @@ from typing import Callable
 
 import torch
 
-from ddpm_engine.kernels import initial_torch, step_torch
-
 from .backends import Backend
 from .samplers import COL_BLEND, StepTable
 
@@ -49,12 +47,12 @@ class Runner:
             step = "triton" if self.device.type == "cuda" else "torch"
         if step not in STEP_IMPLS:
             raise ValueError(f"unknown step implementation {step!r}; must be one of {list(STEP_IMPLS)}")
-        if step == "triton":
-            from ddpm_engine import kernels
+        # Imported here, not at module level: ddpm_engine.kernels reads the step-table layout from this package.
+        from ddpm_engine import kernels
 
-            if not kernels.HAS_TRITON:
-                raise ValueError("step='triton' needs the triton package: pip install 'ddpm-engine[triton]'")
-        self.step_impl = step
+        if step == "triton" and not kernels.HAS_TRITON:
+            raise ValueError("step='triton' needs the triton package: pip install 'ddpm-engine[triton]'")
+        self.kernels, self.step_impl = kernels, step
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and step == "triton"
         self.max_buffer_sets, self.debug = max_buffer_sets, debug
         self._sets: OrderedDict[tuple[int, int, int], BufferSet] = OrderedDict()
@@ -134,15 +132,14 @@ class Runner:
 
         torch.randn(eps_a.shape, generator=gen, device=self.device, out=eps_a)
         eps1 = torch.randn(eps_b.shape, generator=gen, device=self.device, out=eps_b) if blends[0] else None
+        k = self.kernels
         if self.step_impl == "triton":
-            from ddpm_engine.kernels import initial_triton, step_triton
-
-            initial_triton(bufs.x, rows, None, model_in=bufs.sample, t_in=bufs.timestep,
+            k.initial_triton(bufs.x, rows, None, model_in=bufs.sample, t_in=bufs.timestep,
                            mask=mask if blends[0] else None, x_init=x_init, init_image=init_img,
                            eps0=eps_a, eps1=eps1)
             bufs.step.zero_()
         else:
-            initial_torch(bufs.x, rows, eps_a, eps1, model_in=bufs.sample, t_in=bufs.timestep,
+            k.initial_torch(bufs.x, rows, eps_a, eps1, model_in=bufs.sample, t_in=bufs.timestep,
                           mask=mask if blends[0] else None, x_init=x_init, init_image=init_img)
         for i in range(T):
             bufs.run_unet()
@@ -152,28 +149,27 @@ class Runner:
             eps1 = torch.randn(eps_b.shape, generator=gen, device=self.device, out=eps_b) if blend_next else None
             x_out = intermediates[i // every] if intermediates is not None and (i + 1) % every == 0 else None
             if self.step_impl == "triton":
-                step_triton(bufs.x, bufs.eps, rows, bufs.step, None, model_in=bufs.sample, t_in=bufs.timestep,
+                k.step_triton(bufs.x, bufs.eps, rows, bufs.step, None, model_in=bufs.sample, t_in=bufs.timestep,
                             mask=mask if blend_next else None, x_init=x_init, x_out=x_out,
                             draws_step_noise=eps2 is not None, eps1=eps1, eps2=eps2)
                 bufs.step.add_(1)
             else:
-                step_torch(bufs.x, bufs.eps, rows, i, eps2, eps1, model_in=bufs.sample, t_in=bufs.timestep,
+                k.step_torch(bufs.x, bufs.eps, rows, i, eps2, eps1, model_in=bufs.sample, t_in=bufs.timestep,
                            mask=mask if blend_next else None, x_init=x_init, x_out=x_out)
 
     def _loop_device_noise(self, bufs, table, rows, masked, has_init, seed, intermediates, every):
         """Fast path: in-kernel Philox noise, step index on the device; on CUDA, one graph replayed T times."""
-        from ddpm_engine.kernels import initial_triton, step_triton
-
+        k = self.kernels
         mask, x_init = (bufs.mask, bufs.x_init) if masked else (None, None)
         init_img = bufs.init if has_init else None
         bufs.seed.fill_(seed)
         bufs.step.zero_()
-        initial_triton(bufs.x, rows, bufs.seed, model_in=bufs.sample, t_in=bufs.timestep, mask=mask,
+        k.initial_triton(bufs.x, rows, bufs.seed, model_in=bufs.sample, t_in=bufs.timestep, mask=mask,
                        x_init=x_init, init_image=init_img)
 
         def one_step(x_out=None):
             bufs.run_unet()
-            step_triton(bufs.x, bufs.eps, rows, bufs.step, bufs.seed, model_in=bufs.sample, t_in=bufs.timestep,
+            k.step_triton(bufs.x, bufs.eps, rows, bufs.step, bufs.seed, model_in=bufs.sample, t_in=bufs.timestep,
                         mask=mask, x_init=x_init, x_out=x_out, draws_step_noise=table.draws_step_noise)
             bufs.step.add_(1)
 

@@ -1,0 +1,193 @@
+"""build(): engines for onnxruntime and openvino (fp32, bf16) checked against PyTorch, cache hits, atomicity."""
+import os
+import shutil
+
+import pytest
+import torch
+
+from ddpm_engine.export import TOLERANCES, artefact_path, build, check_engine_dir, ensure_artefact, read_manifest
+from ddpm_engine.export.model_source import load_torch_model
+from export_standin import TinyUNet
+
+BATCH, SIZE = (1, 1, 3), ((16, 16), (24, 24), (40, 40))
+COMBOS = [("onnxruntime", "fp32"), ("openvino", "fp32"), ("onnxruntime", "bf16"), ("openvino", "bf16")]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("DDPM_ENGINE_VERIFY_THREADS", "1")
+    yield
+    torch.set_num_threads(threads)
+
+
+def _care_sst_small():
+    from ddpm_engine.models import build_model
+
+    torch.manual_seed(0)
+    return build_model("care-sst", c_in=2, c_out=1, dim=8, embed_dim=16, heads=1, dim_head=8).eval()
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return TinyUNet().eval()
+
+
+def _build_all(model, directory):
+    """The four CPU engines into one directory in turn: later builds reuse the exported ONNX file."""
+    os.environ["DDPM_ENGINE_VERIFY_THREADS"] = "1"
+    torch.set_num_threads(1)
+    results = {}
+    for backend, precision in COMBOS:
+        results[backend, precision] = build(model, directory, backend=backend, precision=precision,
+                                            batch=BATCH, size=SIZE)
+    return results
+
+
+@pytest.fixture(scope="module", params=["tiny-standin", "care-sst-dim8"])
+def engines(request, tmp_path_factory):
+    model = _tiny() if request.param == "tiny-standin" else _care_sst_small()
+    directory = tmp_path_factory.mktemp(request.param) / "engine"
+    return request.param, model, directory, _build_all(model, directory)
+
+
+@pytest.mark.parametrize("backend,precision", COMBOS)
+def test_cpu_engines_match_pytorch(engines, backend, precision):
+    name, _, _, results = engines
+    manifest = results[backend, precision].manifest
+    assert manifest["backend"] == backend and manifest["precision"] == precision
+    key = backend if backend == "openvino" else ("onnxruntime" if precision == "fp32" else f"onnx_{precision}")
+    v = manifest["artefacts"][key]["verification"]
+    print(f"{name} {backend} {precision}: max abs error vs PyTorch {v['max_abs_err']:.3g} over "
+          f"{[(c['batch'], c['height'], c['width']) for c in v['cases']]} ({v['runtime']}, tolerance {v['tolerance']:g})")
+    assert v["max_abs_err"] <= TOLERANCES[precision]
+    assert {(c["height"], c["width"]) for c in v["cases"]} >= {(37, 29)}
+    if precision == "bf16":
+        assert v["max_abs_err"] > 1e-5  # bf16 arithmetic really happened
+    if backend == "openvino":
+        assert manifest["artefacts"]["openvino"]["inference_precision_hint"] == {"fp32": "f32", "bf16": "bf16"}[precision]
+
+
+def test_later_builds_reuse_the_exported_onnx(engines):
+    _, _, _, results = engines
+    for combo in COMBOS[1:]:
+        stages = {s["stage"]: s for s in results[combo].stages}
+        onnx_stage = next(s for n, s in stages.items() if n.startswith("export"))
+        assert onnx_stage["reused"], combo
+
+
+def test_manifest_records_model_io_profile_libraries(engines):
+    _, model, directory, _ = engines
+    m = read_manifest(directory)
+    assert m["format_version"] == 1 and m["gpu"]["name"] is None and m["gpu"]["compute_capability"] is None
+    assert m["model"]["c_in"] == 2 and m["model"]["c_out"] == 1 and len(m["model"]["weights_sha256"]) == 64
+    assert [t["name"] for t in m["io"]["inputs"]] == ["sample", "timestep"] and m["io"]["outputs"][0]["name"] == "eps"
+    assert m["profile"]["batch"] == {"min": 1, "opt": 1, "max": 3}
+    assert m["profile"]["height"] == {"min": 16, "opt": 24, "max": 40} and m["profile"]["dynamic_hw"]
+    assert m["libraries"]["openvino"] and m["libraries"]["torch"] and m["libraries"]["onnxruntime"]
+    for entry in m["artefacts"].values():
+        assert all(len(h) == 64 for h in entry["files"].values())
+    # The kept PyTorch weights rebuild the same model.
+    kept = load_torch_model(directory)
+    x, t = torch.randn(1, 2, 16, 16), torch.rand(1)
+    with torch.no_grad():
+        assert torch.equal(kept(x, t), model(x, t))
+
+
+def test_second_identical_build_is_a_cache_hit(engines):
+    _, model, directory, _ = engines
+    mtimes = {p: p.stat().st_mtime_ns for p in directory.rglob("*") if p.is_file()}
+    again = build(model, directory, backend="openvino", precision="bf16", batch=BATCH, size=SIZE)
+    assert again.cached
+    assert sum(s["seconds"] for s in again.stages) < 2.0
+    assert {p: p.stat().st_mtime_ns for p in directory.rglob("*") if p.is_file()} == mtimes
+
+
+def test_changed_weights_are_not_a_cache_hit(tmp_path):
+    model = _tiny()
+    first = build(model, tmp_path / "e", backend="onnxruntime", batch=BATCH, size=SIZE)
+    with torch.no_grad():
+        model.outc.bias.add_(1.0)
+    second = build(model, tmp_path / "e", backend="onnxruntime", batch=BATCH, size=SIZE)
+    assert not second.cached and second.manifest["cache_key"] != first.manifest["cache_key"]
+    assert second.manifest["model"]["weights_sha256"] != first.manifest["model"]["weights_sha256"]
+
+
+@pytest.mark.parametrize("stage", ["torch", "onnx", "backend", "manifest"])
+def test_build_killed_mid_way_leaves_no_engine_and_no_debris(tmp_path, stage):
+    target = tmp_path / "eng"
+    with pytest.raises(RuntimeError, match="injected"):
+        build(_tiny(), target, backend="openvino", batch=BATCH, size=SIZE, verify=False, _fail_after=stage)
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []  # the staging directory was removed
+
+
+def test_failed_rebuild_keeps_the_previous_engine_intact(tmp_path):
+    target = tmp_path / "eng"
+    build(_tiny(), target, backend="onnxruntime", batch=BATCH, size=SIZE, verify=False)
+    before = read_manifest(target)
+    with pytest.raises(RuntimeError, match="injected"):
+        build(_tiny(), target, backend="openvino", precision="bf16", batch=BATCH, size=SIZE, verify=False,
+              _fail_after="backend")
+    assert read_manifest(target) == before
+    check_engine_dir(target, "onnxruntime")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eng"]
+
+
+def test_staging_left_by_a_sigkilled_build_is_not_loadable_and_is_cleaned(tmp_path):
+    from ddpm_engine.engine.errors import EngineFileError
+
+    # What a SIGKILL mid-build leaves: a dot-named staging dir of a dead process, half written, no engine.json.
+    dead = tmp_path / ".eng.building-999999999-abcd1234"
+    dead.mkdir()
+    (dead / "model.onnx").write_bytes(b"\x08\x07half")
+    with pytest.raises(EngineFileError, match="does not exist"):
+        check_engine_dir(tmp_path / "eng")
+    build(_tiny(), tmp_path / "eng", backend="onnxruntime", batch=BATCH, size=SIZE, verify=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eng"]
+
+
+def test_refuses_to_replace_a_directory_that_is_not_an_engine(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"meow")
+    with pytest.raises(FileExistsError, match="not an engine directory"):
+        build(_tiny(), tmp_path / "photos", backend="onnxruntime", batch=BATCH, size=SIZE, verify=False)
+    assert (tmp_path / "photos" / "cat.jpg").read_bytes() == b"meow"
+
+
+def test_ensure_artefact_derives_openvino_ir_from_the_onnx_file(tmp_path):
+    target = tmp_path / "eng"
+    build(_tiny(), target, backend="onnxruntime", batch=BATCH, size=SIZE, verify=False)
+    assert "openvino" not in read_manifest(target)["artefacts"]
+    path = ensure_artefact(target, "openvino")
+    assert path == target / "openvino" / "model.xml" and path.is_file()
+    assert read_manifest(target)["artefacts"]["openvino"]["derived"]
+    assert artefact_path(target, "openvino") == path
+    assert ensure_artefact(target, "openvino") == path  # second call: nothing to do
+    assert artefact_path(target, "onnxruntime") == target / "model.onnx"
+    assert artefact_path(target, "torch") == target / "model"
+    assert not [p for p in target.iterdir() if p.name.startswith(".")]
+
+
+def test_tensorrt_artefact_without_tensorrt_is_refused_with_install_hint(tmp_path):
+    from ddpm_engine.engine.errors import BackendUnavailableError
+    from ddpm_engine.export.tensorrt_build import tensorrt_status
+
+    if tensorrt_status()[0]:
+        pytest.skip("TensorRT and a GPU are present here")
+    target = tmp_path / "eng"
+    build(_tiny(), target, backend="onnxruntime", batch=BATCH, size=SIZE, verify=False)
+    with pytest.raises(BackendUnavailableError, match="TensorRT|NVIDIA GPU"):
+        ensure_artefact(target, "tensorrt")
+    with pytest.raises(BackendUnavailableError):
+        build(_tiny(), tmp_path / "trt", backend="tensorrt", batch=BATCH, size=SIZE)
+    assert not (tmp_path / "trt").exists()
+
+
+def test_rebuild_from_an_engine_directory_uses_its_kept_weights(tmp_path):
+    model = _tiny()
+    first = build(model, tmp_path / "a", backend="onnxruntime", batch=BATCH, size=SIZE, verify=False)
+    second = build(str(tmp_path / "a"), tmp_path / "b", backend="onnxruntime", batch=BATCH, size=SIZE, verify=False)
+    assert second.manifest["model"]["weights_sha256"] == first.manifest["model"]["weights_sha256"]
+    shutil.rmtree(tmp_path / "a")

@@ -256,6 +256,7 @@ def step_triton(
     elem_offset: int = 0,
     block: int | None = None,
     num_warps: int | None = None,
+    fp_fusion: bool = True,
 ) -> torch.Tensor:
     """One launch of step i = step[0] (int64 device tensor) with Philox noise keyed by seed[0]; returns x.
 
@@ -300,7 +301,7 @@ def step_triton(
         eps1 if eps1 is not None else x, eps2 if eps2 is not None else x,
         C, H * W, T, elem_offset,
         HAS_MASK=mask is not None, HAS_NOISE=has_noise, PAIRED_NOISE=paired, HAS_OUT=x_out is not None,
-        BLOCK=block, num_warps=num_warps,
+        BLOCK=block, num_warps=num_warps, enable_fp_fusion=fp_fusion,
     )
     return x
 
@@ -321,6 +322,7 @@ def initial_triton(
     elem_offset: int = 0,
     block: int | None = None,
     num_warps: int | None = None,
+    fp_fusion: bool = True,
 ) -> torch.Tensor:
     """One launch: x_T = eps0 (or r_x[0] * init_image + r_z[0] * eps0), the step-0 blend, model_in, t_in = t_0.
 
@@ -355,7 +357,7 @@ def initial_triton(
         eps0 if eps0 is not None else x, eps1 if eps1 is not None else x,
         C, H * W, elem_offset,
         HAS_MASK=mask is not None, HAS_INIT=init_image is not None, PAIRED_NOISE=paired,
-        BLOCK=block, num_warps=num_warps,
+        BLOCK=block, num_warps=num_warps, enable_fp_fusion=fp_fusion,
     )
     return x
 
@@ -398,7 +400,7 @@ def _compile(fn, sig: dict, constexprs: dict, arch: int, num_warps: int, aligned
     attrs = {(names.index(n),): [["tt.divisibility", 16]]
              for n, ty in sig.items() if ty.startswith("*") or n in aligned_ints}
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "enable_fp_fusion": True})
 
 
 def compile_step_kernel(arch: int = 90, *, model_dtype=torch.bfloat16, eps_dtype=torch.float16, has_mask=True,

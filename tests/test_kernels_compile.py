@@ -26,10 +26,9 @@ SCRIPT = textwrap.dedent(r"""
     step_args = list(k._step_kernel.arg_names)
     configs = {
         "ddpm_mask_bf16": dict(model_dtype=torch.bfloat16, eps_dtype=torch.bfloat16),
-        "ddpm_mask_fp16_out": dict(model_dtype=torch.float16, eps_dtype=torch.float16, has_out=True),
         "ddim_plain_fp32": dict(model_dtype=torch.float32, eps_dtype=torch.float32, has_mask=False,
                                 has_noise=False, has_out=False),
-        "ddim_mask_bf16": dict(has_noise=False),
+        "ddim_mask_fp16": dict(model_dtype=torch.float16, eps_dtype=torch.float16, has_noise=False),
         "ddpm_plain_fp32": dict(model_dtype=torch.float32, eps_dtype=torch.float32, has_mask=False),
         "paired_mask": dict(paired_noise=True),
         "unaligned_i32": dict(aligned=False, large_offset=False),
@@ -78,7 +77,7 @@ def test_plain_ddim_path_reads_no_mask_and_draws_no_noise(compiled):
 
 
 def test_masked_ddim_draws_only_the_blend_noise_and_ddpm_draws_without_the_mask(compiled):
-    assert compiled["ddim_mask_bf16"]["philox"] and compiled["ddim_mask_bf16"]["loads_mask"]
+    assert compiled["ddim_mask_fp16"]["philox"] and compiled["ddim_mask_fp16"]["loads_mask"]
     assert compiled["ddpm_plain_fp32"]["philox"] and not compiled["ddpm_plain_fp32"]["loads_mask"]
     assert not compiled["paired_mask"]["philox"] and not compiled["paired_mask"]["loads_seed"]
     assert compiled["initial_all"]["philox"] and compiled["initial_plain_fp16"]["philox"]

@@ -1,6 +1,7 @@
 """Fused step: the Triton kernels equal the torch specification, and the specification equals the seed's loop.
 
-On CPU the Triton kernels run in the interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA).
+On CPU the Triton kernels run in the interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA);
+on a GPU, paired-noise launches use fp_fusion=False so the kernel rounds exactly as torch's separate ops do.
 """
 import pytest
 import torch
@@ -55,7 +56,7 @@ def run_both(bufs, rows, i, mask, with_eps2, x_out=False):
                model_in=a["model_in"], t_in=a["t_in"], mask=mask, x_init=a["x_init"], x_out=out_a)
     step_triton(b["x"], b["eps_hat"], rows, torch.tensor([i], device=DEVICE), None,
                 model_in=b["model_in"], t_in=b["t_in"], mask=mask, x_init=b["x_init"], x_out=out_b,
-                eps1=b["eps1"], eps2=b["eps2"] if with_eps2 else None)
+                eps1=b["eps1"], eps2=b["eps2"] if with_eps2 else None, fp_fusion=False)
     return (a, out_a), (b, out_b)
 
 
@@ -175,7 +176,7 @@ def test_triton_initial_step_equals_torch(mask_kind, init, model_dtype):
     initial_torch(a["x"], rows, a["eps2"], a["eps1"], model_in=a["model_in"], t_in=a["t_in"], mask=mask,
                   x_init=a["x_init"], init_image=image)
     initial_triton(b["x"], rows, None, model_in=b["model_in"], t_in=b["t_in"], mask=mask, x_init=b["x_init"],
-                   init_image=image, eps0=b["eps2"], eps1=b["eps1"])
+                   init_image=image, eps0=b["eps2"], eps1=b["eps1"], fp_fusion=False)
     assert_same(a, b)
     assert torch.equal(b["model_in"][:, 2:], bufs["model_in"][:, 2:])
     assert torch.equal(b["t_in"], rows[0, COL_T].expand(3))
@@ -195,7 +196,8 @@ def test_in_kernel_noise_is_the_philox_noise_of_its_phase(sampler, masked):
     eps0, eps1 = philox_noise(seed, 0, shape)
     initial_torch(a["x"], tab.rows, eps0, eps1, model_in=a["model_in"], t_in=a["t_in"], mask=mask,
                   x_init=a["x_init"])
-    initial_triton(b["x"], tab.rows, seed, model_in=b["model_in"], t_in=b["t_in"], mask=mask, x_init=b["x_init"])
+    initial_triton(b["x"], tab.rows, seed, model_in=b["model_in"], t_in=b["t_in"], mask=mask, x_init=b["x_init"],
+                   fp_fusion=False)
     assert_same(a, b)
     step = torch.zeros(1, dtype=torch.int64, device=DEVICE)
     for i in range(5):
@@ -204,7 +206,7 @@ def test_in_kernel_noise_is_the_philox_noise_of_its_phase(sampler, masked):
         step_torch(a["x"], eps_hat, tab.rows, i, eps2 if tab.draws_step_noise else None, eps1,
                    model_in=a["model_in"], t_in=a["t_in"], mask=mask, x_init=a["x_init"])
         step_triton(b["x"], eps_hat, tab.rows, step, seed, model_in=b["model_in"], t_in=b["t_in"], mask=mask,
-                    x_init=b["x_init"], draws_step_noise=tab.draws_step_noise)
+                    x_init=b["x_init"], draws_step_noise=tab.draws_step_noise, fp_fusion=False)
         step.add_(1)
         assert_same(a, b)
 
@@ -223,7 +225,7 @@ def test_kernel_noise_counter_crosses_2_to_the_32_elements_in_int64():
     step_torch(a["x"], a["eps_hat"], tab.rows, 3, eps2, eps1, model_in=a["model_in"], t_in=a["t_in"], mask=mask,
                x_init=a["x_init"])
     step_triton(b["x"], b["eps_hat"], tab.rows, torch.tensor([3], device=DEVICE), seed, model_in=b["model_in"],
-                t_in=b["t_in"], mask=mask, x_init=b["x_init"], elem_offset=offset)
+                t_in=b["t_in"], mask=mask, x_init=b["x_init"], elem_offset=offset, fp_fusion=False)
     assert_same(a, b)
     step_triton(c["x"], c["eps_hat"], tab.rows, torch.tensor([3], device=DEVICE), seed, model_in=c["model_in"],
                 t_in=c["t_in"], mask=mask, x_init=c["x_init"], elem_offset=offset + 2**32)  # only the high counter word differs

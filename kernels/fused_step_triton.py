@@ -3,8 +3,8 @@
 Noise: Philox-4x32-10 (Salmon et al. 2011, via `tl.philox`), key = the 64-bit seed, counter =
 (element index low word, element index high word, phase, 0). The element index is the int64 linear
 index into the contiguous [B, C, H, W] state plus `elem_offset`; the phase is 0 for the initial step
-and i + 1 for step i. One Philox block gives four 32-bit words per element and phase; Box-Muller on
-words (0, 1) gives draw "a", on words (2, 3) draw "b":
+and i + 1 for step i. Box-Muller on the first two words of the element's Philox block gives
+draw "a" = r cos(theta) and draw "b" = r sin(theta), independent N(0, 1):
 
     phase 0     (initial_triton): a = eps0 (x_T),          b = eps1 of the step-0 blend
     phase i + 1 (step_triton i):  a = eps2 (step i noise), b = eps1 of the step-(i+1) blend
@@ -36,14 +36,16 @@ assert (COL_T, COL_CX, COL_CE, COL_CZ, COL_RX, COL_RZ, COL_BLEND, NUM_COLS) == (
 
 @triton.jit
 def _normal_pair(seed, elem, phase):
-    """Two independent N(0, 1) blocks for int64 element indices `elem` at a uint32 `phase` under a 64-bit key."""
+    """Two independent N(0, 1) blocks for int64 element indices `elem` at a uint32 `phase` under a 64-bit key.
+
+    Box-Muller on words (0, 1) of one Philox block: r cos(theta) and r sin(theta) are independent standard
+    normals, so both draws cost one log, one sqrt and one sin/cos pair; a path needing one draw drops the other.
+    """
     lo = elem.to(tl.uint32)
     hi = (elem >> 32).to(tl.uint32)
     zero = lo * 0
-    w0, w1, w2, w3 = tl.philox(seed, lo, hi, zero + phase, zero)
-    a, _ = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(w0), tl.uint_to_uniform_float(w1))
-    b, _ = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(w2), tl.uint_to_uniform_float(w3))
-    return a, b
+    w0, w1, _, _ = tl.philox(seed, lo, hi, zero + phase, zero)
+    return tl.pair_uniform_to_normal(tl.uint_to_uniform_float(w0), tl.uint_to_uniform_float(w1))
 
 
 @triton.jit

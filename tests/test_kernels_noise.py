@@ -48,6 +48,10 @@ def test_step_noise_and_blend_noise_are_uncorrelated(draws):
     a, b, _ = draws
     assert abs(corr(a, b)) < Z / math.sqrt(N)
     assert abs(corr(a * a, b * b)) < Z * math.sqrt(2.0) / math.sqrt(N)  # not just linearly
+    for sa in (1, -1):  # every quadrant of the joint law holds a quarter (b is no function of a)
+        for sb in (1, -1):
+            quarter = float(((sa * a > 0) & (sb * b > 0)).double().mean())
+            assert abs(quarter - 0.25) < Z * math.sqrt(0.1875 / N)
 
 
 def test_consecutive_steps_are_uncorrelated(draws):

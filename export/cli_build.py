@@ -39,8 +39,9 @@ def register(subparsers) -> None:
     p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder_optimization_level (0..5)")
     p.add_argument("--workspace", type=float, default=4.0, metavar="GiB", help="TensorRT workspace limit")
     p.add_argument("--refit", choices=["identical", "refit"], default=None,
-                   help="refittable TensorRT engine: identical (REFIT_IDENTICAL, same-architecture weights swap "
-                   "without a rebuild and no speed loss) or refit (any weights)")
+                   help="refittable TensorRT engine: refit (REFIT: load new weights of the same architecture "
+                   "without a rebuild) or identical (REFIT_IDENTICAL: refit only with the build's own weights, e.g. "
+                   "into a weight-stripped plan; keeps every optimisation)")
     p.add_argument("--force", action="store_true", help="rebuild everything, ignoring the cache")
     p.set_defaults(func=run)
 

@@ -27,7 +27,9 @@ class TensorRTSettings:
 
     builder_optimization_level: int = 3  # 0..5; 0 ignores the timing cache
     workspace_bytes: int = 4 << 30
-    refit: str | None = None  # None, "identical" (REFIT_IDENTICAL: same weights, keeps every optimisation) or "refit"
+    # None; "refit" (REFIT: new weights of the same architecture without a rebuild); "identical" (REFIT_IDENTICAL:
+    # refit only with the build-time weights, e.g. weight-stripped plans; no optimisation is given up).
+    refit: str | None = None
     hardware_compatibility: str | None = None  # None, "AMPERE_PLUS" or "SAME_COMPUTE_CAPABILITY"
     tf32: bool = True
 

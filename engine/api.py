@@ -59,12 +59,15 @@ class Engine:
     def sample(self, background, mask=None, x_init=None, timesteps: int = 300, sampler: str = "ddpm",
                t_start: float = 1.0, t_end: float = 0.0, seed: int = 0, generator: torch.Generator | None = None,
                eta: float = 0.0, tau: float = 1.0, init: str = "noise", return_intermediates: bool = False,
-               intermediates_every: int = 1):
+               intermediates_every: int = 1, segments=None):
         """Sample [B, C, H, W] like the seed's `sample`; numpy in gives numpy out.
 
         seed: fast path, noise keyed by the seed (reproducible per seed, backend and batch split).
         generator: parity path, noise drawn host-side in the seed's order (equals `reference_sample`).
         return_intermediates: also return the states after every `intermediates_every`-th step, [K, B, C, H, W].
+        segments: [(rows, seed), ...] covering the batch in order (a batch assembled from several requests): each
+            block of rows gets exactly the result a call with its rows alone and `seed=` that seed would give
+            (host-noise step only, i.e. step="torch"; at most max_batch rows in all).
         """
         as_numpy = isinstance(background, np.ndarray)
         background = _as_tensor("background", background)
@@ -86,6 +89,8 @@ class Engine:
             raise ValueError(f"intermediates_every must be an integer >= 1, got {intermediates_every!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if segments is not None:
+            generator = self._segment_generators(segments, shape[0], generator)
         table = step_table(self.schedule, sampler, timesteps, t_start, t_end, eta=eta, tau=tau)
         init_image = {"noise": None, "background": background, "x_init": x_init}[init]
 
@@ -104,21 +109,46 @@ class Engine:
             return tuple(r.numpy() for r in result) if return_intermediates else result.numpy()
         return result
 
+    def _segment_generators(self, segments, batch: int, generator) -> list[tuple[int, torch.Generator]]:
+        """(rows, seed) pairs -> (rows, seeded generator) pairs the Runner draws each block's noise from."""
+        if generator is not None:
+            raise ValueError("give segments or generator, not both")
+        if self.runner.step_impl != "torch":
+            raise ValueError("segments need the host-noise step (step='torch'); the Triton step keys noise in-kernel")
+        try:
+            pairs = [(int(rows), seed) for rows, seed in segments]
+        except (TypeError, ValueError):
+            raise ValueError(f"segments must be a sequence of (rows, seed) pairs, got {segments!r}") from None
+        if any(rows < 1 for rows, _ in pairs) or sum(rows for rows, _ in pairs) != batch:
+            raise ValueError(f"segments must have positive row counts summing to the batch size {batch}, got {pairs}")
+        if batch > self.max_batch:
+            raise ValueError(f"segments cover {batch} rows; at most max_batch={self.max_batch} run in one call")
+        for _, seed in pairs:
+            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+                raise ValueError(f"segment seed must be an integer in [0, 2^63), got {seed!r}")
+        return [(rows, torch.Generator(device=self.runner.device).manual_seed(int(seed))) for rows, seed in pairs]
+
     def _run_chunk(self, table, background, mask, x_init, init_image, part, seed, generator, keep, every):
         dev = self.runner.device
         b, h, w = background.shape[0], background.shape[2], background.shape[3]
-        bufs = self.runner.buffers(b, h, w)
-        to = lambda t: None if t is None else t.to(dev, torch.float32)  # noqa: E731
-        chunk_mask = None if mask is None else (mask if mask.shape[0] == 1 else mask[part])
-        inters = None
-        if keep:
-            inters = torch.empty(table.timesteps // every, b, self.c_out, h, w, device=dev)
-        x = self.runner.run(bufs, table, to(background), mask=to(chunk_mask),
-                            x_init=None if x_init is None else to(x_init[part]),
-                            init_image=None if init_image is None else to(init_image[part]),
+        padded = self.runner.padded_batch(b, self.max_batch) if generator is None else b
+
+        def rows(t, fill=0.0):  # this chunk's rows on the device, padded up to the captured batch size
+            if t is None:
+                return None
+            t = t.to(dev, torch.float32)
+            pad = padded - t.shape[0]
+            return t if pad == 0 or t.shape[0] == 1 else torch.cat([t, t.new_full((pad, *t.shape[1:]), fill)])
+
+        bufs = self.runner.buffers(padded, h, w)
+        inters = torch.empty(table.timesteps // every, padded, self.c_out, h, w, device=dev) if keep else None
+        x = self.runner.run(bufs, table, rows(background), mask=rows(None if mask is None else
+                                                                    (mask if mask.shape[0] == 1 else mask[part]), 1.0),
+                            x_init=rows(None if x_init is None else x_init[part]),
+                            init_image=rows(None if init_image is None else init_image[part]),
                             seed=seed, generator=generator, intermediates=inters, every=every)
         # One copy out (and, on CUDA, the one host sync of the run) so the next call can reuse the buffers.
-        return x.to("cpu", copy=True), (inters.cpu() if keep else None)
+        return x[:b].to("cpu", copy=True), (inters[:, :b].cpu() if keep else None)
 
 
 def _open_backend(directory, manifest: dict, backend: str, device: torch.device, threads: int | None,

@@ -14,6 +14,7 @@ class OnnxRuntimeBackend:
     """CPUExecutionProvider, or CUDAExecutionProvider where onnxruntime-gpu is installed and asked for."""
 
     name = "onnxruntime"
+    capturable = False  # run_with_iobinding synchronises the stream
 
     def __init__(self, onnx_path, device="cpu", threads: int | None = None):
         ort = require("onnxruntime")

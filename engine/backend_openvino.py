@@ -11,6 +11,7 @@ class OpenVinoBackend:
     """fp32, or bf16 through OpenVINO's inference-precision hint (I/O stays fp32)."""
 
     name = "openvino"
+    capturable = False
     dtype = torch.float32
 
     def __init__(self, model_path, precision: str = "fp32", threads: int | None = None):

@@ -27,6 +27,7 @@ class TensorRTBackend:
     """One engine, one execution context per bound buffer set (shapes and addresses set once, then frozen)."""
 
     name = "tensorrt"
+    capturable = True
 
     def __init__(self, plan_path, device="cuda"):
         if not torch.cuda.is_available():

@@ -20,6 +20,7 @@ class Backend(Protocol):
     name: str
     device: torch.device
     dtype: torch.dtype  # of the sample and eps buffers
+    capturable: bool  # whether a bound call can be recorded in a CUDA graph (no host sync inside)
 
     def bind(self, sample: torch.Tensor, timestep: torch.Tensor, eps: torch.Tensor) -> Callable[[], None]:
         """Bind one buffer set ([B, C_in, H, W], [B], [B, C_out, H, W]); the returned call writes eps in place."""
@@ -56,6 +57,7 @@ class TorchBackend:
     """Eager (or torch.compile'd) PyTorch; the weights from the engine directory, on CPU or CUDA."""
 
     name = "torch"
+    capturable = True
 
     def __init__(self, model: torch.nn.Module, device="cpu", dtype=torch.float32, compile: bool = False):
         self.device, self.dtype = torch.device(device), dtype

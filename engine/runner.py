@@ -13,6 +13,18 @@ from .samplers import COL_BLEND, StepTable
 STEP_IMPLS = ("torch", "triton")
 
 
+def _randn(out: torch.Tensor, gen) -> torch.Tensor:
+    """Fill `out` with N(0, 1) from one generator, or row block by row block from [(rows, generator), ...]."""
+    if isinstance(gen, torch.Generator):
+        return torch.randn(out.shape, generator=gen, device=out.device, out=out)
+    start = 0
+    for rows, g in gen:  # each block draws exactly what a batch of `rows` alone would draw from `g`
+        block = out[start:start + rows]
+        torch.randn(block.shape, generator=g, device=out.device, out=block)
+        start += rows
+    return out
+
+
 @dataclass
 class BufferSet:
     """Everything one (batch, H, W) needs, allocated once; graphs and bindings refer to these addresses."""
@@ -53,12 +65,21 @@ class Runner:
         if step == "triton" and not kernels.HAS_TRITON:
             raise ValueError("step='triton' needs the triton package: pip install 'ddpm-engine[triton]'")
         self.kernels, self.step_impl = kernels, step
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and step == "triton"
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and step == "triton" and backend.capturable
         self.max_buffer_sets, self.debug = max_buffer_sets, debug
         self._sets: OrderedDict[tuple[int, int, int], BufferSet] = OrderedDict()
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
     # -- buffers ---------------------------------------------------------------------------------
+
+    def padded_batch(self, batch: int, max_batch: int) -> int:
+        """With CUDA graphs, round the batch up to a power of two (capped at max_batch): fewer graphs to capture.
+
+        Padding rows never change the real rows: the in-kernel noise is keyed by each element's own index.
+        """
+        if not self.cuda_graphs:
+            return batch
+        return min(1 << (batch - 1).bit_length(), max_batch)
 
     def buffers(self, batch: int, height: int, width: int) -> BufferSet:
         """The buffer set for this size, allocated and bound on first use (least recently used one evicted)."""
@@ -98,7 +119,8 @@ class Runner:
             intermediates: torch.Tensor | None = None, every: int = 1) -> torch.Tensor:
         """Sample into bufs.x from inputs already shaped [B, ...]; returns bufs.x (valid until the next run).
 
-        generator: noise drawn host-side in the seed's order (parity with reference_sample);
+        generator: noise drawn host-side in the seed's order (parity with reference_sample); a list of
+        (rows, generator) pairs gives each block of rows its own stream (requests batched together);
         otherwise `seed` keys the noise (in-kernel Philox for Triton, a seeded torch.Generator for torch).
         intermediates: a [T // every, B, C, H, W] buffer receiving the state after every `every`-th step.
         """
@@ -130,8 +152,8 @@ class Runner:
         mask, x_init = (bufs.mask, bufs.x_init) if masked else (None, None)
         init_img = bufs.init if has_init else None
 
-        torch.randn(eps_a.shape, generator=gen, device=self.device, out=eps_a)
-        eps1 = torch.randn(eps_b.shape, generator=gen, device=self.device, out=eps_b) if blends[0] else None
+        _randn(eps_a, gen)
+        eps1 = _randn(eps_b, gen) if blends[0] else None
         k = self.kernels
         if self.step_impl == "triton":
             k.initial_triton(bufs.x, rows, None, model_in=bufs.sample, t_in=bufs.timestep,
@@ -143,10 +165,9 @@ class Runner:
                           mask=mask if blends[0] else None, x_init=x_init, init_image=init_img)
         for i in range(T):
             bufs.run_unet()
-            eps2 = torch.randn(eps_a.shape, generator=gen, device=self.device, out=eps_a) \
-                if table.draws_step_noise else None
+            eps2 = _randn(eps_a, gen) if table.draws_step_noise else None
             blend_next = i + 1 < T and blends[i + 1]
-            eps1 = torch.randn(eps_b.shape, generator=gen, device=self.device, out=eps_b) if blend_next else None
+            eps1 = _randn(eps_b, gen) if blend_next else None
             x_out = intermediates[i // every] if intermediates is not None and (i + 1) % every == 0 else None
             if self.step_impl == "triton":
                 k.step_triton(bufs.x, bufs.eps, rows, bufs.step, None, model_in=bufs.sample, t_in=bufs.timestep,

@@ -15,13 +15,13 @@ Specification (plain torch, noises as tensors, CPU or CUDA; `step` may be a Pyth
   initial_torch(x, rows, eps0, eps1=None, *, model_in, t_in, mask=None, x_init=None, init_image=None) -> x
   step_torch(x, eps_hat, rows, step, eps2=None, eps1=None, *, model_in, t_in, mask=None, x_init=None,
              x_out=None) -> x
-Triton (one launch each; noise from in-kernel Philox keyed by (seed, phase, element); phase 0 = initial,
+Triton (one launch each; noise from in-kernel Philox keyed by (seed, phase, plane, element pair); phase 0 = initial,
 i + 1 = step i; pass eps* tensors instead for PAIRED_NOISE parity mode):
   initial_triton(x, rows, seed, *, model_in, t_in, mask=None, x_init=None, init_image=None,
-                 eps0=None, eps1=None, elem_offset=0) -> x
+                 eps0=None, eps1=None, plane_offset=0) -> x
   step_triton(x, eps_hat, rows, step, seed, *, model_in, t_in, mask=None, x_init=None, x_out=None,
-              draws_step_noise=True, eps1=None, eps2=None, elem_offset=0) -> x
-  philox_noise(seed, phase, shape, *, elem_offset=0) -> (a, b)   # the kernels' draws, for tests
+              draws_step_noise=True, eps1=None, eps2=None, plane_offset=0) -> x
+  philox_noise(seed, phase, shape, *, plane_offset=0) -> (a, b)   # the kernels' draws, for tests
 Triton is optional: HAS_TRITON says whether the Triton half imported. On CPU set TRITON_INTERPRET=1 before
 triton is first imported to run the kernels in the interpreter (tests do).
 """

@@ -1,17 +1,22 @@
 """The fused sampler step as one Triton kernel launch (DESIGN.md section 4); `step_torch` is its specification.
 
-Noise: Philox-4x32-10 (Salmon et al. 2011, via `tl.philox`), key = the 64-bit seed, counter =
-(element index low word, element index high word, phase, 0). The element index is the int64 linear
-index into the contiguous [B, C, H, W] state plus `elem_offset`; the phase is 0 for the initial step
-and i + 1 for step i. Box-Muller on the first two words of the element's Philox block gives
-draw "a" = r cos(theta) and draw "b" = r sin(theta), independent N(0, 1):
+Noise: Philox-4x32-10 (Salmon et al. 2011, via `tl.philox`), key = the 64-bit seed, one counter per
+pair of neighbouring elements (hw = 2k, 2k + 1) of an H x W plane:
+
+    counter = (k, plane low word, phase, plane high word)
+
+plane = plane_offset + b * C + c (int64), phase = 0 for the initial step and i + 1 for step i. The
+four words of a block feed two Box-Muller transforms, (w0, w1) for element 2k and (w2, w3) for 2k + 1;
+each gives draw "a" = r cos(theta) and draw "b" = r sin(theta), independent N(0, 1):
 
     phase 0     (initial_triton): a = eps0 (x_T),          b = eps1 of the step-0 blend
     phase i + 1 (step_triton i):  a = eps2 (step i noise), b = eps1 of the step-(i+1) blend
 
-So no two draws share a counter for up to 2^64 elements and 2^32 - 1 steps, and nothing is ever
-multiplied out into an int32 (no step * numel product exists). `philox_noise` returns the same draws
-as tensors for statistics tests and for checking the kernel against `step_torch`.
+No two draws share a counter for H * W < 2^33, up to 2^64 planes and 2^32 - 1 steps, and no counter is
+ever multiplied out (no step * numel product exists, pointer offsets are int64). The draws do not
+depend on BLOCK, the grid or the device; GPUs use the approximate log/sin/cos instructions, the
+interpreter numpy's, so interpreter draws match GPU draws to ~1e-6, not bit for bit. `philox_noise`
+returns the same draws as tensors for statistics tests and for checking the kernels against `step_torch`.
 
 On CPU the kernels run under the Triton interpreter: set TRITON_INTERPRET=1 before triton is first
 imported (the @triton.jit decorator reads it at import time).
@@ -23,29 +28,48 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ddpm_engine.engine.samplers import COL_BLEND, COL_CE, COL_CX, COL_CZ, COL_RX, COL_RZ, COL_T, NUM_COLS
 
 from .fused_step import check_rows
 
 MAX_STEPS = 2**32 - 1  # the phase is one 32-bit counter word
+MAX_PLANE_SIZE = 2**31 - 1  # H * W: a 32-bit kernel argument (pair index k < 2^30 < 2^32)
 
 # The kernels index a row with these literal offsets (jit code cannot read Python globals).
 assert (COL_T, COL_CX, COL_CE, COL_CZ, COL_RX, COL_RZ, COL_BLEND, NUM_COLS) == (0, 1, 2, 3, 4, 5, 6, 7)
 
 
 @triton.jit
-def _normal_pair(seed, elem, phase):
-    """Two independent N(0, 1) blocks for int64 element indices `elem` at a uint32 `phase` under a 64-bit key.
+def _box_muller(w0, w1, FAST_MATH: tl.constexpr):
+    """(r cos(theta), r sin(theta)) from two uniform words: two independent N(0, 1) for one log, sqrt, sin/cos.
 
-    Box-Muller on words (0, 1) of one Philox block: r cos(theta) and r sin(theta) are independent standard
-    normals, so both draws cost one log, one sqrt and one sin/cos pair; a path needing one draw drops the other.
+    theta is taken in [-pi, pi), where the GPU's approximate sin/cos (FAST_MATH: MUFU, abs. error ~1e-6) are
+    accurate; libdevice's precise versions cost ~8x the instructions (and are what the interpreter has).
     """
-    lo = elem.to(tl.uint32)
-    hi = (elem >> 32).to(tl.uint32)
-    zero = lo * 0
-    w0, w1, _, _ = tl.philox(seed, lo, hi, zero + phase, zero)
-    return tl.pair_uniform_to_normal(tl.uint_to_uniform_float(w0), tl.uint_to_uniform_float(w1))
+    u1 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(w0))
+    theta = 6.283185307179586 * (tl.uint_to_uniform_float(w1) - 0.5)
+    if FAST_MATH:
+        r = tl.sqrt(-2.0 * libdevice.fast_logf(u1))
+        return r * libdevice.fast_cosf(theta), r * libdevice.fast_sinf(theta)
+    else:
+        r = tl.sqrt(-2.0 * tl.log(u1))
+        return r * tl.cos(theta), r * tl.sin(theta)
+
+
+@triton.jit
+def _plane_normals(seed, plane, pid_hw, phase, BLOCK: tl.constexpr, FAST_MATH: tl.constexpr):
+    """Draws (a, b) for hw = pid_hw * BLOCK + [0, BLOCK) of int64 `plane` at uint32 `phase`: one Philox per 2 elements."""
+    k = pid_hw * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
+    k = k.to(tl.uint32)
+    zero = k * 0
+    plane_lo = (plane & 0xFFFFFFFF).to(tl.uint32)
+    plane_hi = (plane >> 32).to(tl.uint32)
+    w0, w1, w2, w3 = tl.philox(seed, k, zero + plane_lo, zero + phase, zero + plane_hi)
+    a_even, b_even = _box_muller(w0, w1, FAST_MATH)
+    a_odd, b_odd = _box_muller(w2, w3, FAST_MATH)
+    return tl.interleave(a_even, a_odd), tl.interleave(b_even, b_odd)
 
 
 @triton.jit
@@ -64,11 +88,12 @@ def _step_kernel(
     x_ptr, eps_hat_ptr, rows_ptr, step_ptr, seed_ptr,
     model_in_ptr, mi_sb, mi_sc, t_in_ptr,
     mask_ptr, m_sb, m_sc, x_init_ptr, x_out_ptr, eps1_ptr, eps2_ptr,
-    C, HW, T, elem_offset,
+    C, HW, T, plane_offset,
     HAS_MASK: tl.constexpr, HAS_NOISE: tl.constexpr, PAIRED_NOISE: tl.constexpr, HAS_OUT: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
     # grid = (B * C planes, cdiv(H * W, BLOCK)): no per-element division; all offsets in int64.
+    # Draws are keyed by the plane and the element pair in it (see the module docstring).
     plane = tl.program_id(0)
     pid_hw = tl.program_id(1)
     b = plane // C
@@ -88,7 +113,8 @@ def _step_kernel(
 
     if not PAIRED_NOISE:
         if HAS_NOISE:
-            z2, z1 = _normal_pair(tl.load(seed_ptr), elem_offset + idx, (step + 1).to(tl.uint32))
+            z2, z1 = _plane_normals(tl.load(seed_ptr), plane_offset + plane.to(tl.int64), pid_hw,
+                                    (step + 1).to(tl.uint32), BLOCK, FAST_MATH)
     if HAS_NOISE:
         if PAIRED_NOISE:
             z2 = tl.load(eps2_ptr + idx, mask=inb, other=0.0)
@@ -105,7 +131,8 @@ def _step_kernel(
             if PAIRED_NOISE:
                 z1 = tl.load(eps1_ptr + idx, mask=inb, other=0.0)
             elif not HAS_NOISE:
-                _, z1 = _normal_pair(tl.load(seed_ptr), elem_offset + idx, (step + 1).to(tl.uint32))
+                _, z1 = _plane_normals(tl.load(seed_ptr), plane_offset + plane.to(tl.int64), pid_hw,
+                                       (step + 1).to(tl.uint32), BLOCK, FAST_MATH)
             known = tl.load(nxt + 4) * xi + tl.load(nxt + 5) * z1  # r_x, r_z of step i + 1
             xn = m * x_next + (1.0 - m) * known
 
@@ -122,9 +149,9 @@ def _initial_kernel(
     x_ptr, rows_ptr, seed_ptr,
     model_in_ptr, mi_sb, mi_sc, t_in_ptr,
     mask_ptr, m_sb, m_sc, x_init_ptr, init_ptr, eps0_ptr, eps1_ptr,
-    C, HW, elem_offset,
+    C, HW, plane_offset,
     HAS_MASK: tl.constexpr, HAS_INIT: tl.constexpr, PAIRED_NOISE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
     plane = tl.program_id(0)
     pid_hw = tl.program_id(1)
@@ -137,7 +164,8 @@ def _initial_kernel(
     if PAIRED_NOISE:
         z0 = tl.load(eps0_ptr + idx, mask=inb, other=0.0)
     else:
-        z0, z1 = _normal_pair(tl.load(seed_ptr), elem_offset + idx, tl.full((), 0, tl.uint32))
+        z0, z1 = _plane_normals(tl.load(seed_ptr), plane_offset + plane.to(tl.int64), pid_hw,
+                                tl.full((), 0, tl.uint32), BLOCK, FAST_MATH)
     x = z0
     if HAS_INIT:
         src = tl.load(init_ptr + idx, mask=inb, other=0.0).to(tl.float32)
@@ -161,11 +189,15 @@ def _initial_kernel(
 
 
 @triton.jit
-def _noise_kernel(a_ptr, b_ptr, seed_ptr, phase, n, elem_offset, BLOCK: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    a, b = _normal_pair(tl.load(seed_ptr), elem_offset + i, phase.to(tl.uint32))
-    tl.store(a_ptr + i, a, mask=i < n)
-    tl.store(b_ptr + i, b, mask=i < n)
+def _noise_kernel(a_ptr, b_ptr, seed_ptr, phase, HW, plane_offset, BLOCK: tl.constexpr, FAST_MATH: tl.constexpr):
+    plane = tl.program_id(0)
+    pid_hw = tl.program_id(1)
+    hw = pid_hw * BLOCK + tl.arange(0, BLOCK)
+    idx = plane.to(tl.int64) * HW + hw
+    a, b = _plane_normals(tl.load(seed_ptr), plane_offset + plane.to(tl.int64), pid_hw, phase.to(tl.uint32),
+                          BLOCK, FAST_MATH)
+    tl.store(a_ptr + idx, a, mask=hw < HW)
+    tl.store(b_ptr + idx, b, mask=hw < HW)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,7 +212,9 @@ def interpreting() -> bool:
 def _block_and_warps(hw: int, block: int | None, num_warps: int | None) -> tuple[int, int]:
     if block is None:
         # The interpreter runs programs one after another: few large blocks are ~10x faster there.
-        block = min(triton.next_power_of_2(hw), 1 << 16) if interpreting() else 1024
+        block = min(max(triton.next_power_of_2(hw), 16), 1 << 16) if interpreting() else 1024
+    if block < 2 or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= 2, got {block}")
     if num_warps is None:
         num_warps = 4 if block <= 1024 else 8
     return block, num_warps
@@ -197,6 +231,13 @@ def _check_device_scalar(name: str, t, like: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor) or t.numel() != 1 or t.dtype != torch.int64 or t.device != like.device:
         raise ValueError(f"{name} must be a one-element int64 tensor on {like.device} (read by the kernel, so a "
                          f"CUDA graph replays it), got {t!r}")
+
+
+def _check_plane_offset(plane_offset: int, planes: int, plane_size: int) -> None:
+    if plane_size > MAX_PLANE_SIZE:
+        raise ValueError(f"H * W must be at most {MAX_PLANE_SIZE}, got {plane_size}")
+    if not 0 <= plane_offset <= 2**64 - planes:
+        raise ValueError(f"plane_offset must be in [0, 2^64 - {planes}], got {plane_offset}")
 
 
 def _plane_strides(name: str, t: torch.Tensor, x: torch.Tensor, channels_at_least: bool) -> tuple[int, int]:
@@ -255,7 +296,7 @@ def step_triton(
     draws_step_noise: bool = True,
     eps1: torch.Tensor | None = None,
     eps2: torch.Tensor | None = None,
-    elem_offset: int = 0,
+    plane_offset: int = 0,
     block: int | None = None,
     num_warps: int | None = None,
     fp_fusion: bool = True,
@@ -263,8 +304,8 @@ def step_triton(
     """One launch of step i = step[0] (int64 device tensor) with Philox noise keyed by seed[0]; returns x.
 
     With eps1/eps2 given (PAIRED_NOISE) the noises come from those tensors instead (parity tests), and the
-    step noise is drawn iff eps2 is given. `elem_offset` shifts the noise counter (a batch split into
-    launches can keep the draws of the whole batch). Writes x, model_in[:, :C] and t_in as `step_torch` does.
+    step noise is drawn iff eps2 is given. `plane_offset` shifts the noise's plane counter (a batch split
+    into launches keeps the draws of the whole batch with plane_offset = first batch index * C). Writes x, model_in[:, :C] and t_in as `step_torch` does.
     """
     mi_sb, mi_sc, m_sb, m_sc = _check_common(x, model_in, t_in, mask, x_init)
     _check_state("eps_hat", eps_hat, x, (torch.float32, torch.float16, torch.bfloat16))
@@ -289,10 +330,8 @@ def step_triton(
             _check_device_scalar("seed", seed, x)
     if x_out is not None:
         _check_state("x_out", x_out, x)
-    if elem_offset < 0 or elem_offset + x.numel() > 2**64:
-        raise ValueError(f"elem_offset must be in [0, 2^64 - numel], got {elem_offset}")
-
     B, C, H, W = x.shape
+    _check_plane_offset(plane_offset, B * C, H * W)
     block, num_warps = _block_and_warps(H * W, block, num_warps)
     grid = (B * C, triton.cdiv(H * W, block))
     _step_kernel[grid](
@@ -301,9 +340,9 @@ def step_triton(
         mask if mask is not None else x, m_sb, m_sc,
         x_init if x_init is not None else x, x_out if x_out is not None else x,
         eps1 if eps1 is not None else x, eps2 if eps2 is not None else x,
-        C, H * W, T, elem_offset,
+        C, H * W, T, plane_offset,
         HAS_MASK=mask is not None, HAS_NOISE=has_noise, PAIRED_NOISE=paired, HAS_OUT=x_out is not None,
-        BLOCK=block, num_warps=num_warps, enable_fp_fusion=fp_fusion,
+        BLOCK=block, FAST_MATH=not interpreting(), num_warps=num_warps, enable_fp_fusion=fp_fusion,
     )
     return x
 
@@ -321,7 +360,7 @@ def initial_triton(
     init_image: torch.Tensor | None = None,
     eps0: torch.Tensor | None = None,
     eps1: torch.Tensor | None = None,
-    elem_offset: int = 0,
+    plane_offset: int = 0,
     block: int | None = None,
     num_warps: int | None = None,
     fp_fusion: bool = True,
@@ -345,10 +384,8 @@ def initial_triton(
         _check_device_scalar("seed", seed, x)
     if init_image is not None:
         _check_state("init_image", init_image, x, (torch.float32, torch.float16, torch.bfloat16))
-    if elem_offset < 0 or elem_offset + x.numel() > 2**64:
-        raise ValueError(f"elem_offset must be in [0, 2^64 - numel], got {elem_offset}")
-
     B, C, H, W = x.shape
+    _check_plane_offset(plane_offset, B * C, H * W)
     block, num_warps = _block_and_warps(H * W, block, num_warps)
     grid = (B * C, triton.cdiv(H * W, block))
     _initial_kernel[grid](
@@ -357,18 +394,19 @@ def initial_triton(
         mask if mask is not None else x, m_sb, m_sc,
         x_init if x_init is not None else x, init_image if init_image is not None else x,
         eps0 if eps0 is not None else x, eps1 if eps1 is not None else x,
-        C, H * W, elem_offset,
+        C, H * W, plane_offset,
         HAS_MASK=mask is not None, HAS_INIT=init_image is not None, PAIRED_NOISE=paired,
-        BLOCK=block, num_warps=num_warps, enable_fp_fusion=fp_fusion,
+        BLOCK=block, FAST_MATH=not interpreting(), num_warps=num_warps, enable_fp_fusion=fp_fusion,
     )
     return x
 
 
 @torch.no_grad()
-def philox_noise(seed: torch.Tensor, phase: int, shape, *, elem_offset: int = 0, block: int | None = None):
-    """The kernels' draws (a, b) at `phase` for elements elem_offset + [0, prod(shape)): float32 tensors of `shape`.
+def philox_noise(seed: torch.Tensor, phase: int, shape, *, plane_offset: int = 0, block: int | None = None):
+    """The kernels' draws (a, b) at `phase` as float32 tensors of `shape` ([..., H, W]; a 1-d shape is one plane).
 
-    phase 0 is initial_triton's (eps0, eps1); phase i + 1 is step i's (eps2, eps1 of step i + 1).
+    Planes are numbered plane_offset + the flat index over shape[:-2]. phase 0 is initial_triton's (eps0, eps1);
+    phase i + 1 is step i's (eps2, eps1 of step i + 1). For [B, C, H, W] these are exactly the kernels' draws.
     """
     if not isinstance(seed, torch.Tensor) or seed.numel() != 1 or seed.dtype != torch.int64:
         raise ValueError(f"seed must be a one-element int64 tensor, got {seed!r}")
@@ -379,10 +417,14 @@ def philox_noise(seed: torch.Tensor, phase: int, shape, *, elem_offset: int = 0,
     shape = tuple(int(s) for s in shape)
     a = torch.empty(shape, dtype=torch.float32, device=seed.device)
     b = torch.empty_like(a)
-    n = a.numel()
-    if block is None:
-        block = min(triton.next_power_of_2(max(n, 16)), 1 << 16) if interpreting() else 1024
-    _noise_kernel[(triton.cdiv(n, block),)](a, b, seed, phase, n, elem_offset, BLOCK=block)
+    if a.numel() == 0:
+        return a, b
+    plane_size = shape[-2] * shape[-1] if len(shape) >= 2 else a.numel()
+    planes = a.numel() // plane_size
+    _check_plane_offset(plane_offset, planes, plane_size)
+    block, num_warps = _block_and_warps(plane_size, block, None)
+    _noise_kernel[(planes, triton.cdiv(plane_size, block))](a, b, seed, phase, plane_size, plane_offset, BLOCK=block,
+                                                           FAST_MATH=not interpreting(), num_warps=num_warps)
     return a, b
 
 
@@ -407,7 +449,7 @@ def _compile(fn, sig: dict, constexprs: dict, arch: int, num_warps: int, aligned
 
 def compile_step_kernel(arch: int = 90, *, model_dtype=torch.bfloat16, eps_dtype=torch.float16, has_mask=True,
                         has_noise=True, paired_noise=False, has_out=True, block=1024, num_warps=4,
-                        large_offset=True, aligned=True):
+                        large_offset=True, aligned=True, fast_math=True):
     """triton.compile the step kernel for CUDA sm_<arch> without a GPU; returns the CompiledKernel (asm: ptx, cubin).
 
     `aligned` mirrors the JIT's specialisation of 16-aligned pointers and 16-divisible sizes (300 x 300 tiles).
@@ -418,26 +460,28 @@ def compile_step_kernel(arch: int = 90, *, model_dtype=torch.bfloat16, eps_dtype
         "seed_ptr": "*i64", "model_in_ptr": "*" + _TRITON_DTYPE[model_dtype], "mi_sb": i64, "mi_sc": "i32",
         "t_in_ptr": "*fp32", "mask_ptr": "*fp32", "m_sb": "i32", "m_sc": "i32", "x_init_ptr": "*fp32",
         "x_out_ptr": "*fp32", "eps1_ptr": "*fp32", "eps2_ptr": "*fp32",
-        "C": "i32", "HW": "i32", "T": "i32", "elem_offset": i64,
+        "C": "i32", "HW": "i32", "T": "i32", "plane_offset": i64,
         "HAS_MASK": "constexpr", "HAS_NOISE": "constexpr", "PAIRED_NOISE": "constexpr", "HAS_OUT": "constexpr",
-        "BLOCK": "constexpr",
+        "BLOCK": "constexpr", "FAST_MATH": "constexpr",
     }
     constexprs = {"HAS_MASK": has_mask, "HAS_NOISE": has_noise, "PAIRED_NOISE": paired_noise, "HAS_OUT": has_out,
-                  "BLOCK": block}
+                  "BLOCK": block, "FAST_MATH": fast_math}
     aligned_ints = ("mi_sb", "mi_sc", "m_sb", "m_sc", "HW") if aligned else ()
     return _compile(_step_kernel, sig, constexprs, arch, num_warps, aligned_ints)
 
 
 def compile_initial_kernel(arch: int = 90, *, model_dtype=torch.bfloat16, has_mask=True, has_init=True,
-                           paired_noise=False, block=1024, num_warps=4, aligned=True):
+                           paired_noise=False, block=1024, num_warps=4, aligned=True, fast_math=True):
     """triton.compile the initial-step kernel for CUDA sm_<arch> without a GPU."""
     sig = {
         "x_ptr": "*fp32", "rows_ptr": "*fp32", "seed_ptr": "*i64", "model_in_ptr": "*" + _TRITON_DTYPE[model_dtype],
         "mi_sb": "i32", "mi_sc": "i32", "t_in_ptr": "*fp32", "mask_ptr": "*fp32", "m_sb": "i32", "m_sc": "i32",
         "x_init_ptr": "*fp32", "init_ptr": "*fp32", "eps0_ptr": "*fp32", "eps1_ptr": "*fp32",
-        "C": "i32", "HW": "i32", "elem_offset": "i64",
+        "C": "i32", "HW": "i32", "plane_offset": "i64",
         "HAS_MASK": "constexpr", "HAS_INIT": "constexpr", "PAIRED_NOISE": "constexpr", "BLOCK": "constexpr",
+        "FAST_MATH": "constexpr",
     }
-    constexprs = {"HAS_MASK": has_mask, "HAS_INIT": has_init, "PAIRED_NOISE": paired_noise, "BLOCK": block}
+    constexprs = {"HAS_MASK": has_mask, "HAS_INIT": has_init, "PAIRED_NOISE": paired_noise, "BLOCK": block,
+                  "FAST_MATH": fast_math}
     aligned_ints = ("mi_sb", "mi_sc", "m_sb", "m_sc", "HW") if aligned else ()
     return _compile(_initial_kernel, sig, constexprs, arch, num_warps, aligned_ints)

@@ -32,6 +32,7 @@ SCRIPT = textwrap.dedent(r"""
         "ddpm_plain_fp32": dict(model_dtype=torch.float32, eps_dtype=torch.float32, has_mask=False),
         "paired_mask": dict(paired_noise=True),
         "unaligned_i32": dict(aligned=False, large_offset=False),
+        "precise_math": dict(fast_math=False),
     }
     for name, kw in configs.items():
         ck = k.compile_step_kernel(90, **kw)
@@ -40,6 +41,7 @@ SCRIPT = textwrap.dedent(r"""
         out[name] = dict(
             cubin=len(ck.asm["cubin"]), target=ck.asm["ptx"].split(".target")[1].split()[0],
             philox="mul.hi.u32" in ptx, log="lg2.approx" in ptx, v4_loads="ld.global.v4" in ptx,
+            fast_trig="sin.approx" in ptx and "cos.approx" in ptx, lines=len(ptx.splitlines()),
             loads_mask=step_args.index("mask_ptr") in loaded, loads_x_init=step_args.index("x_init_ptr") in loaded,
             loads_seed=step_args.index("seed_ptr") in loaded,
         )
@@ -81,6 +83,13 @@ def test_masked_ddim_draws_only_the_blend_noise_and_ddpm_draws_without_the_mask(
     assert compiled["ddpm_plain_fp32"]["philox"] and not compiled["ddpm_plain_fp32"]["loads_mask"]
     assert not compiled["paired_mask"]["philox"] and not compiled["paired_mask"]["loads_seed"]
     assert compiled["initial_all"]["philox"] and compiled["initial_plain_fp16"]["philox"]
+
+
+def test_noise_uses_the_gpu_approximate_log_sin_cos(compiled):
+    ddpm = compiled["ddpm_mask_bf16"]
+    assert ddpm["log"] and ddpm["fast_trig"]
+    assert not compiled["precise_math"]["fast_trig"]
+    assert ddpm["lines"] < compiled["precise_math"]["lines"] / 2  # libdevice's precise sin/cos/log are long
 
 
 def test_aligned_tiles_get_128_bit_vector_accesses(compiled):

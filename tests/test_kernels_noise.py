@@ -77,17 +77,35 @@ def test_same_seed_reproduces_and_other_seeds_differ():
         assert abs(corr(a1, c)) < Z / math.sqrt(4096)
 
 
-def test_element_counter_is_64_bit():
+def test_plane_counter_is_64_bit():
     s = seed(7)
-    low, _ = philox_noise(s, 1, (512,))
-    for base in (2**31, 2**32, 2**40, 2**63 - 512):
-        far, _ = philox_noise(s, 1, (512,), elem_offset=base)
-        assert not torch.isclose(low, far).any(), base  # no wrap to element 0
-    # a window across 2^32 is the concatenation of the windows on both sides: one counter, no seam
-    across, _ = philox_noise(s, 1, (64,), elem_offset=2**32 - 32)
-    below, _ = philox_noise(s, 1, (32,), elem_offset=2**32 - 32)
-    above, _ = philox_noise(s, 1, (32,), elem_offset=2**32)
+    low, _ = philox_noise(s, 1, (2, 16, 16))
+    for base in (2**31, 2**32, 2**40, 2**64 - 2):
+        far, _ = philox_noise(s, 1, (2, 16, 16), plane_offset=base)
+        assert not torch.isclose(low, far).any(), base  # no wrap to plane 0
+    # planes across 2^32 are the planes on both sides: one counter, no seam
+    across, _ = philox_noise(s, 1, (4, 8, 9), plane_offset=2**32 - 2)
+    below, _ = philox_noise(s, 1, (2, 8, 9), plane_offset=2**32 - 2)
+    above, _ = philox_noise(s, 1, (2, 8, 9), plane_offset=2**32)
     assert torch.equal(across, torch.cat([below, above]))
+    with pytest.raises(ValueError, match="plane_offset"):
+        philox_noise(s, 1, (2, 8, 9), plane_offset=2**64 - 1)
+
+
+def test_draws_do_not_depend_on_the_block_size():
+    s = seed(8)
+    shape = (3, 37, 29)  # odd plane size: the last element pair is half outside the plane
+    ref = philox_noise(s, 2, shape)
+    for block in (16, 64, 2048):
+        got = philox_noise(s, 2, shape, block=block)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), block
+
+
+def test_the_two_elements_of_a_philox_block_are_independent(draws):
+    a, b, _ = draws  # elements 2k and 2k + 1 share one Philox block (words 0, 1 and 2, 3)
+    for x, y in ((a[0::2], a[1::2]), (a[0::2], b[1::2]), (b[0::2], b[1::2]), (b[0::2], a[1::2])):
+        assert abs(corr(x, y)) < Z / math.sqrt(N / 2)
+        assert abs(corr(x * x, y * y)) < Z * math.sqrt(2.0) / math.sqrt(N / 2)
 
 
 def test_step_counter_is_a_full_32_bit_word_beyond_int32():
@@ -99,8 +117,8 @@ def test_step_counter_is_a_full_32_bit_word_beyond_int32():
         assert torch.isfinite(big).all()
         assert not torch.isclose(small, big).any() and not torch.isclose(small_b, big_b).any(), phase
     # a step index whose step * numel would overflow int32 many times over (300x300 tiles, B = 64)
-    z, _ = philox_noise(s, 2**31 + 7, (8,), elem_offset=64 * 300 * 300 - 8)
-    assert torch.isfinite(z).all() and z.std() > 0.2
+    z, _ = philox_noise(s, 2**31 + 7, (1, 300, 300), plane_offset=63)
+    assert torch.isfinite(z).all() and abs(float(z.std()) - 1) < 0.05
     with pytest.raises(ValueError, match="phase"):
         philox_noise(s, MAX_STEPS + 1, (8,))
 

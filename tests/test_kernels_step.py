@@ -211,28 +211,28 @@ def test_in_kernel_noise_is_the_philox_noise_of_its_phase(sampler, masked):
         assert_same(a, b)
 
 
-def test_kernel_noise_counter_crosses_2_to_the_32_elements_in_int64():
-    """elem_offset puts the tensor across the 2^32 element boundary: the kernel's int64 counter must not wrap."""
+def test_kernel_plane_counter_crosses_2_to_the_32_planes_in_int64():
+    """plane_offset puts the batch across the 2^32 plane boundary: the kernel's 64-bit plane counter must not wrap."""
     g = torch.Generator().manual_seed(9)
-    shape = (2, 1, 16, 16)
-    offset = 2**32 - 300  # elements 2^32 - 300 .. 2^32 + 211
+    shape = (2, 2, 16, 15)
+    offset = 2**32 - 2  # planes 2^32 - 2 .. 2^32 + 1
     tab = table("ddpm")
     bufs = buffers(shape, torch.float32, g)
     mask = make_mask("broadcast", shape, g)
     seed = torch.tensor([11], device=DEVICE)
     a, b, c = clone(bufs), clone(bufs), clone(bufs)
-    eps2, eps1 = philox_noise(seed, 4, shape, elem_offset=offset)
+    eps2, eps1 = philox_noise(seed, 4, shape, plane_offset=offset)
     step_torch(a["x"], a["eps_hat"], tab.rows, 3, eps2, eps1, model_in=a["model_in"], t_in=a["t_in"], mask=mask,
                x_init=a["x_init"])
     step_triton(b["x"], b["eps_hat"], tab.rows, torch.tensor([3], device=DEVICE), seed, model_in=b["model_in"],
-                t_in=b["t_in"], mask=mask, x_init=b["x_init"], elem_offset=offset, fp_fusion=False)
+                t_in=b["t_in"], mask=mask, x_init=b["x_init"], plane_offset=offset, fp_fusion=False)
     assert_same(a, b)
     step_triton(c["x"], c["eps_hat"], tab.rows, torch.tensor([3], device=DEVICE), seed, model_in=c["model_in"],
-                t_in=c["t_in"], mask=mask, x_init=c["x_init"], elem_offset=offset + 2**32)  # only the high counter word differs
+                t_in=c["t_in"], mask=mask, x_init=c["x_init"], plane_offset=offset + 2**32)  # same low words
     assert not torch.isclose(b["x"], c["x"]).any()
 
 
-def test_a_split_batch_with_elem_offset_draws_the_noise_of_the_whole_batch():
+def test_a_split_batch_with_plane_offset_draws_the_noise_of_the_whole_batch():
     g = torch.Generator().manual_seed(10)
     shape = (4, 1, 9, 10)
     tab = table("ddpm")
@@ -246,7 +246,7 @@ def test_a_split_batch_with_elem_offset_draws_the_noise_of_the_whole_batch():
         sl = slice(lo, lo + 2)
         x = half["x"][sl].clone()
         step_triton(x, half["eps_hat"][sl].contiguous(), tab.rows, step, seed, model_in=half["model_in"][sl],
-                    t_in=half["t_in"][sl], elem_offset=lo * 90)
+                    t_in=half["t_in"][sl], plane_offset=lo * shape[1])
         half["x"][sl] = x
     assert torch.equal(whole["x"], half["x"])
     assert torch.equal(whole["model_in"], half["model_in"])

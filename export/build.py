@@ -96,6 +96,10 @@ def resolve_backend(backend: str, precision: str = "fp32") -> str:
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        if os.path.samefile(src, dst):
+            return  # two entries share a file (the onnxruntime entry is the ONNX graph itself)
+        dst.unlink()
     try:
         os.link(src, dst)  # same filesystem (the staging dir is beside the target): instant, no extra space
     except OSError:
@@ -115,6 +119,9 @@ def _reuse(old_dir: Path | None, old: dict | None, name: str, key: str, stage: P
         return None
     for rel in entry["files"]:
         _link_or_copy(old_dir / rel, stage / rel)
+    cache = entry.get("timing_cache")
+    if cache and (old_dir / cache).is_file() and not (stage / cache).exists():
+        _link_or_copy(old_dir / cache, stage / cache)
     return {**entry, "_reused": True}
 
 
@@ -332,6 +339,14 @@ def build(
         if _fail_after == "backend":
             raise RuntimeError("injected failure after the backend stage (test)")
 
+        # Artefacts an earlier build left for other backends stay when they match this build exactly (same
+        # weights, profile, precision and libraries: their stage key), so building openvino after tensorrt
+        # into one directory keeps both.
+        for name in (old or {}).get("artefacts", {}):
+            if name not in artefacts and keys.get(name):
+                hit = _reuse(old_dir, old, name, keys[name], stage)
+                if hit:
+                    artefacts[name] = hit
         for name, entry in list(artefacts.items()):
             entry = artefact_entry(stage, name, entry)
             entry.setdefault("key", keys.get(name))

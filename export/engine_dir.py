@@ -136,6 +136,13 @@ def _check_library(directory: Path, backend: str, entry: dict) -> None:
     elif backend == "onnxruntime":
         if have["onnxruntime"] is None:
             raise BackendUnavailableError("ONNX Runtime is not installed; pip install 'ddpm-engine[onnx]'")
+        if entry.get("precision") == "bf16":
+            import onnxruntime as ort
+
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise BackendUnavailableError(
+                    f"{directory} is a bf16 engine and ONNX Runtime's CPU provider has no bf16 kernels; load it with "
+                    "backend='openvino' (bf16 on x86 CPUs) or 'tensorrt', or rebuild with --precision fp32")
         # ONNX files are forward compatible: only an older runtime than the one that verified the graph may lack
         # an opset or kernel, so refuse that direction only.
         if _vtuple(have["onnxruntime"]) < _vtuple(built):

@@ -69,6 +69,23 @@ def test_cpu_engines_match_pytorch(engines, backend, precision):
         assert manifest["artefacts"]["openvino"]["inference_precision_hint"] == {"fp32": "f32", "bf16": "bf16"}[precision]
 
 
+def test_bf16_onnx_graph_is_not_offered_to_onnxruntime_cpu(engines):
+    from ddpm_engine.engine.errors import BackendUnavailableError
+
+    _, _, directory, _ = engines
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu runs bf16 graphs")
+    # The last build into the directory (openvino bf16) kept the onnxruntime bf16 build's graph: it matches.
+    manifest = read_manifest(directory)
+    assert manifest["backend"] == "openvino" and manifest["artefacts"]["onnxruntime"]["precision"] == "bf16"
+    assert manifest["artefacts"]["onnx_bf16"]["verification"]["runtime"].startswith("openvino")
+    with pytest.raises(BackendUnavailableError, match="no bf16 kernels; load it with backend='openvino'"):
+        check_engine_dir(directory, "onnxruntime")
+    check_engine_dir(directory, "openvino")
+
+
 def test_later_builds_reuse_the_exported_onnx(engines):
     _, _, _, results = engines
     for combo in COMBOS[1:]:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 from pathlib import Path
 
 import torch
@@ -110,7 +109,3 @@ def load_torch_model(engine_dir: str | Path) -> torch.nn.Module:
 
     return load_model(directory)
 
-
-def config_json(model: torch.nn.Module) -> str:
-    """Canonical JSON of the model config (for messages and keys)."""
-    return json.dumps(model_config(model), sort_keys=True)

@@ -44,17 +44,20 @@ class Engine:
     def backend(self) -> str:
         return self.runner.backend.name
 
-    def _check_contract(self, background: torch.Tensor, shape) -> None:
+    def check_image_size(self, height: int, width: int) -> None:
+        """Raise ValueError unless the engine was built for images of this size."""
+        if self.size_range is not None:
+            (h_min, w_min), (h_max, w_max) = self.size_range
+            if not (h_min <= height <= h_max and w_min <= width <= w_max):
+                raise ValueError(f"image size {height}x{width} is outside what this engine was built for "
+                                 f"({h_min}x{w_min} .. {h_max}x{w_max}); rebuild with --size")
+
+    def _check_contract(self, background: torch.Tensor) -> None:
         c_bg = self.c_in - self.c_out
         if background.shape[1] != c_bg:
             raise ValueError(f"background has {background.shape[1]} channels; this model takes {c_bg} "
                              f"(input {self.c_in} = {self.c_out} sample + {c_bg} background)")
-        if self.size_range is not None:
-            (h_min, w_min), (h_max, w_max) = self.size_range
-            h, w = shape[2], shape[3]
-            if not (h_min <= h <= h_max and w_min <= w <= w_max):
-                raise ValueError(f"image size {h}x{w} is outside what this engine was built for "
-                                 f"({h_min}x{w_min} .. {h_max}x{w_max}); rebuild with --size")
+        self.check_image_size(*background.shape[2:])
 
     def sample(self, background, mask=None, x_init=None, timesteps: int = 300, sampler: str = "ddpm",
                t_start: float = 1.0, t_end: float = 0.0, seed: int = 0, generator: torch.Generator | None = None,
@@ -76,7 +79,7 @@ class Engine:
             raise ValueError("background is required")
         shape = (background.shape[0] if x_init is None else x_init.shape[0], self.c_out) + tuple(background.shape[2:])
         shape = check_sample_inputs(background, shape, mask, x_init)
-        self._check_contract(background, shape)
+        self._check_contract(background)
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}; must be one of {list(INITS)}")
         if init == "x_init" and x_init is None:

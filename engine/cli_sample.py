@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -124,8 +123,6 @@ def run_reconstruct(args) -> int:
         tiles = synthetic_tiles(args.synthetic, args.size)
     tiles = tiles[: args.limit] if args.limit else tiles
     engine = load(args.engine, backend=args.backend, step=args.step)
-    print(f"engine {args.engine}: backend {engine.backend}, {len(tiles)} tile(s), {args.samples} sample(s) each, "
-          f"{args.timesteps} {args.sampler} steps", file=sys.stderr)
     results, timing = reconstruct(engine, tiles, samples=args.samples, batch=args.batch, timesteps=args.timesteps,
                                   sampler=args.sampler, seed=args.seed)
     out = Path(args.output)
@@ -144,7 +141,7 @@ def run_reconstruct(args) -> int:
         extra = (f"  cloud RMSE {row['rmse_c']:.3f} C (background only {row['background_rmse_c']:.3f} C)"
                  if "rmse_c" in row else "")
         print(f"{row['tile']}: {100 * row['cloud_fraction']:.0f}% cloud{extra}")
-    print(f"{timing['tiles']} tile(s) in {timing['seconds']:.1f} s: {timing['seconds_per_tile']:.2f} s/tile, "
+    print(f"{timing['tiles']} tile(s) x {args.samples} sample(s), {args.timesteps} {args.sampler} steps, in {timing['seconds']:.1f} s: {timing['seconds_per_tile']:.2f} s/tile, "
           f"{timing['ms_per_step']:.1f} ms per step (backend {engine.backend})")
     print(f"outputs in {out}/ ({'npy' if args.no_figures else 'npy + png figures'})")
     print(json.dumps({"timing": timing, "tiles": summary, "backend": engine.backend}))

@@ -69,6 +69,8 @@ def reconstruct(engine, tiles: list[tuple[str, Tile]], samples: int = 1, batch: 
     """Sample every tile `samples` times in batches of up to `batch` rows; returns results and timing."""
     if samples < 1 or batch < 1:
         raise ValueError(f"samples and batch must be >= 1, got {samples} and {batch}")
+    for name, tile in tiles:  # refuse before any work, not halfway through
+        engine.check_image_size(*tile.background.shape[1:])
     rows = [(k, tile) for k, (_, tile) in enumerate(tiles) for _ in range(samples)]
     outputs: dict[int, list[np.ndarray]] = {k: [] for k in range(len(tiles))}
     start = time.perf_counter()

@@ -1,6 +1,8 @@
-"""Shared pytest setup."""
+"""Shared pytest setup: the Triton interpreter on CPU, GPU-marker skips, and a small engine to share."""
+import importlib.util
 import os
 
+import pytest
 import torch
 
 # Triton kernels (kernels/fused_step_triton.py) run in Triton's interpreter on machines without CUDA. The
@@ -10,15 +12,11 @@ if not torch.cuda.is_available():
 
 
 def _has_tensorrt() -> bool:
-    import importlib.util
-
     return torch.cuda.is_available() and importlib.util.find_spec("tensorrt") is not None
 
 
 def pytest_collection_modifyitems(config, items):
     """Skip `cuda` tests without an NVIDIA GPU and `tensorrt` tests without TensorRT, saying which is missing."""
-    import pytest
-
     skips = {}
     if not torch.cuda.is_available():
         skips["cuda"] = pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA; none is visible")
@@ -29,3 +27,16 @@ def pytest_collection_modifyitems(config, items):
         for marker, skip in skips.items():
             if marker in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_dir(tmp_path_factory):
+    """An onnxruntime engine of an untrained CARE-SST U-Net at dim 8: batch 1..4, sizes 8x8..32x32."""
+    from ddpm_engine.engine import build
+    from ddpm_engine.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("care-sst", c_in=2, c_out=1, embed_dim=16, dim=8, heads=1, dim_head=8).eval()
+    out = tmp_path_factory.mktemp("engines") / "tiny"
+    build(model, out, backend="onnxruntime", batch=(1, 2, 4), size=((8, 8), (16, 16), (32, 32)))
+    return out

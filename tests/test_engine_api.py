@@ -5,20 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_engine.engine import build, load, reference_sample
+from ddpm_engine.engine import load, reference_sample
 from ddpm_engine.engine.errors import EngineFileError
-from ddpm_engine.models import build_model
 
 H = W = 16
 
 
 @pytest.fixture(scope="module")
-def engine_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model("care-sst", c_in=2, c_out=1, embed_dim=16, dim=8, heads=1, dim_head=8).eval()
-    out = tmp_path_factory.mktemp("engines") / "tiny"
-    build(model, out, backend="onnxruntime", batch=(1, 2, 4), size=((8, 8), (16, 16), (32, 32)))
-    return out
+def engine_dir(tiny_engine_dir):
+    return tiny_engine_dir
 
 
 @pytest.fixture(scope="module")

@@ -149,6 +149,10 @@ def _value_mode(name: str, producer, plan, graph_inputs) -> str:
     return "fp32"  # graph inputs arrive as fp32 (a reduced-precision input is cast up/down explicitly)
 
 
+def _value_attr(node):
+    return next((a for a in node.attribute if a.name == "value"), None)
+
+
 def convert_precision(model, precision: str, *, keep_io_types: bool = True, keep_fp32_ops=frozenset()):
     """Return a copy of an fp32 ModelProto whose heavy ops run in fp16/bf16, with Casts at every boundary.
 
@@ -202,9 +206,9 @@ def convert_precision(model, precision: str, *, keep_io_types: bool = True, keep
                 low_copy[name] = f"{name}__{precision}"
                 new_inits.append(_to_tensor(arr, low_copy[name], precision))
         elif name in const_nodes:
-            attr = next(a for a in const_nodes[name].attribute if a.name == "value")
-            if attr.t.data_type != FLOAT:
-                continue
+            attr = _value_attr(const_nodes[name])
+            if attr is None or attr.t.data_type != FLOAT:
+                continue  # value_float(s) constants stay fp32 and get a Cast like any fp32 tensor
             arr = numpy_helper.to_array(attr.t)
             if modes == {"low"}:
                 attr.t.CopyFrom(_to_tensor(arr, attr.t.name, precision))
@@ -225,7 +229,8 @@ def convert_precision(model, precision: str, *, keep_io_types: bool = True, keep
     for name in inits:
         produced[name] = inits[name].data_type
     for name, n in const_nodes.items():
-        produced[name] = next(a for a in n.attribute if a.name == "value").t.data_type
+        attr = _value_attr(n)
+        produced[name] = attr.t.data_type if attr is not None else types.get(name, FLOAT)
 
     new_nodes = []
     casts: dict[tuple[str, int], str] = {}

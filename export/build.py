@@ -334,8 +334,8 @@ def build(
         elif backend == "tensorrt":
             artefacts["tensorrt"] = stages.run(
                 "TensorRT plan", lambda: _reuse(old_dir, old, "tensorrt", keys["tensorrt"], stage)
-                or _tensorrt_stage(stage, old_dir, model, graph, profile, desc["c_in"], trt_settings, verify,
-                                   tolerance, precision, stages))
+                or _tensorrt_stage(stage, out_dir if out_dir.is_dir() else None, model, graph, profile,
+                                   desc["c_in"], trt_settings, verify, tolerance, precision, stages))
         if _fail_after == "backend":
             raise RuntimeError("injected failure after the backend stage (test)")
 
@@ -393,7 +393,8 @@ def _tensorrt_stage(stage: Path, old_dir: Path | None, model, graph: str, profil
                     settings: TensorRTSettings, verify: bool, tolerance, precision: str, stages: _Stages) -> dict:
     from .tensorrt_build import TIMING_CACHE, TRT_DIR, build_tensorrt_plan, verify_plan
 
-    # The timing cache outlives rebuilds: copy the previous one in so unchanged layers are not re-timed.
+    # The timing cache outlives rebuilds (forced ones too: it holds only kernel timings, and TensorRT refuses one
+    # from another device): copy the previous one in so unchanged layers are not re-timed.
     if old_dir is not None and (old_dir / TRT_DIR / TIMING_CACHE).is_file():
         (stage / TRT_DIR).mkdir(parents=True, exist_ok=True)
         shutil.copy2(old_dir / TRT_DIR / TIMING_CACHE, stage / TRT_DIR / TIMING_CACHE)

@@ -132,7 +132,7 @@ def test_tensorrt_rebuild_reuses_timing_cache_and_cache_hit(tiny, tmp_path):
     assert not first.manifest["artefacts"]["tensorrt"]["timing_cache_reused"]
     assert build(tiny, tmp_path / "eng", **kw).cached
     forced = build(tiny, tmp_path / "eng", force=True, **kw)
-    assert not forced.cached
+    assert not forced.cached and forced.manifest["artefacts"]["tensorrt"]["timing_cache_reused"]
 
 
 @pytest.mark.tensorrt

@@ -1,13 +1,15 @@
 """The fused sampler step as one Triton kernel launch (DESIGN.md section 4); `step_torch` is its specification.
 
 Noise: Philox-4x32-10 (Salmon et al. 2011, via `tl.philox`), key = the 64-bit seed, one counter per
-pair of neighbouring elements (hw = 2k, 2k + 1) of an H x W plane:
+pair of elements of an H x W plane: pair k = 512 q + j holds elements hw = 1024 q + j and 1024 q + 512 + j
+(j < 512; the two halves of each aligned 1024-element chunk, so a program handles whole pairs without
+moving values between threads), and
 
     counter = (k, plane low word, phase, plane high word)
 
 plane = plane_offset + b * C + c (int64), phase = 0 for the initial step and i + 1 for step i. The
-four words of a block feed two Box-Muller transforms, (w0, w1) for element 2k and (w2, w3) for 2k + 1;
-each gives draw "a" = r cos(theta) and draw "b" = r sin(theta), independent N(0, 1):
+four words of a block feed two Box-Muller transforms, (w0, w1) for the low element and (w2, w3) for the
+high one; each gives draw "a" = r cos(theta) and draw "b" = r sin(theta), independent N(0, 1):
 
     phase 0     (initial_triton): a = eps0 (x_T),          b = eps1 of the step-0 blend
     phase i + 1 (step_triton i):  a = eps2 (step i noise), b = eps1 of the step-(i+1) blend
@@ -36,6 +38,9 @@ from .fused_step import check_rows
 
 MAX_STEPS = 2**32 - 1  # the phase is one 32-bit counter word
 MAX_PLANE_SIZE = 2**31 - 1  # H * W: a 32-bit kernel argument (pair index k < 2^30 < 2^32)
+CHUNK_SIZE = 1024  # elements hw and hw + 512 of each aligned 1024-element chunk of a plane share a Philox block
+CHUNK = tl.constexpr(CHUNK_SIZE)
+HALF = tl.constexpr(CHUNK_SIZE // 2)
 
 # The kernels index a row with these literal offsets (jit code cannot read Python globals).
 assert (COL_T, COL_CX, COL_CE, COL_CZ, COL_RX, COL_RZ, COL_BLEND, NUM_COLS) == (0, 1, 2, 3, 4, 5, 6, 7)
@@ -59,17 +64,26 @@ def _box_muller(w0, w1, FAST_MATH: tl.constexpr):
 
 
 @triton.jit
-def _plane_normals(seed, plane, pid_hw, phase, BLOCK: tl.constexpr, FAST_MATH: tl.constexpr):
-    """Draws (a, b) for hw = pid_hw * BLOCK + [0, BLOCK) of int64 `plane` at uint32 `phase`: one Philox per 2 elements."""
-    k = pid_hw * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
+def _pair_normals(seed, plane, k, phase, FAST_MATH: tl.constexpr):
+    """For element-pair indices k of int64 `plane` at uint32 `phase`: (a, b) of the low and of the high elements."""
     k = k.to(tl.uint32)
     zero = k * 0
     plane_lo = (plane & 0xFFFFFFFF).to(tl.uint32)
     plane_hi = (plane >> 32).to(tl.uint32)
     w0, w1, w2, w3 = tl.philox(seed, k, zero + plane_lo, zero + phase, zero + plane_hi)
-    a_even, b_even = _box_muller(w0, w1, FAST_MATH)
-    a_odd, b_odd = _box_muller(w2, w3, FAST_MATH)
-    return tl.interleave(a_even, a_odd), tl.interleave(b_even, b_odd)
+    a_lo, b_lo = _box_muller(w0, w1, FAST_MATH)
+    a_hi, b_hi = _box_muller(w2, w3, FAST_MATH)
+    return a_lo, b_lo, a_hi, b_hi
+
+
+@triton.jit
+def _chunk_tiles(pid_hw, BLOCK: tl.constexpr):
+    """hw of the low and high halves of this program's CHUNK-element chunks, and their pair indices ([n, HALF] each)."""
+    n: tl.constexpr = BLOCK // CHUNK
+    chunk = pid_hw * n + tl.arange(0, n)[:, None]
+    j = tl.arange(0, HALF)[None, :]
+    hw_lo = chunk * CHUNK + j
+    return hw_lo, hw_lo + HALF, chunk * HALF + j
 
 
 @triton.jit
@@ -84,6 +98,41 @@ def _to_model_dtype(v, DT: tl.constexpr):
 
 
 @triton.jit
+def _step_part(
+    x_ptr, eps_hat_ptr, model_in_ptr, mi_off, mask_ptr, m_off, x_init_ptr, x_out_ptr, eps1_ptr, eps2_ptr,
+    base, hw, HW, z2, z1, c_x, c_e, c_z, r_x, r_z, blend, has_next,
+    HAS_MASK: tl.constexpr, HAS_NOISE: tl.constexpr, PAIRED_NOISE: tl.constexpr, HAS_OUT: tl.constexpr,
+):
+    """Step i for the elements `hw` of one plane (int64 element offset `base`); z2, z1: Philox draws or unused."""
+    inb = hw < HW
+    idx = base + hw
+    x = tl.load(x_ptr + idx, mask=inb, other=0.0)
+    e = tl.load(eps_hat_ptr + idx, mask=inb, other=0.0).to(tl.float32)
+    x_next = c_x * x + c_e * e
+    if HAS_NOISE:
+        if PAIRED_NOISE:
+            z2 = tl.load(eps2_ptr + idx, mask=inb, other=0.0)
+        x_next = x_next + c_z * z2
+    if HAS_OUT:
+        tl.store(x_out_ptr + idx, x_next, mask=inb)
+    xn = x_next
+    if HAS_MASK:
+        if blend:  # a runtime branch: no mask, x_init (or paired eps1) reads where step i + 1 does not blend
+            m = tl.load(mask_ptr + m_off + hw, mask=inb, other=0.0).to(tl.float32)
+            xi = tl.load(x_init_ptr + idx, mask=inb, other=0.0).to(tl.float32)
+            if PAIRED_NOISE:  # a new name: rebinding z1 inside a runtime branch would change its type
+                n1 = tl.load(eps1_ptr + idx, mask=inb, other=0.0)
+            else:
+                n1 = z1
+            known = r_x * xi + r_z * n1
+            xn = m * x_next + (1.0 - m) * known
+    tl.store(x_ptr + idx, xn, mask=inb)
+    # (hw < HW * has_next) rather than inb & has_next: the interpreter rejects a scalar-broadcast store mask
+    tl.store(model_in_ptr + mi_off + hw, _to_model_dtype(xn, model_in_ptr.dtype.element_ty),
+             mask=hw < HW * has_next.to(tl.int32))
+
+
+@triton.jit
 def _step_kernel(
     x_ptr, eps_hat_ptr, rows_ptr, step_ptr, seed_ptr,
     model_in_ptr, mi_sb, mi_sc, t_in_ptr,
@@ -92,56 +141,71 @@ def _step_kernel(
     HAS_MASK: tl.constexpr, HAS_NOISE: tl.constexpr, PAIRED_NOISE: tl.constexpr, HAS_OUT: tl.constexpr,
     BLOCK: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
-    # grid = (B * C planes, cdiv(H * W, BLOCK)): no per-element division; all offsets in int64.
-    # Draws are keyed by the plane and the element pair in it (see the module docstring).
+    # grid = (B * C planes, cdiv(H * W, BLOCK)); BLOCK is a multiple of CHUNK. No per-element division,
+    # all element offsets int64. Each program does the low halves of its chunks, then the high halves,
+    # the two halves taking the two draws of one Philox block: no register shuffles between them.
     plane = tl.program_id(0)
     pid_hw = tl.program_id(1)
     b = plane // C
     c = plane - b * C
-    hw = pid_hw * BLOCK + tl.arange(0, BLOCK)
-    inb = hw < HW
-    idx = plane.to(tl.int64) * HW + hw
+    base = plane.to(tl.int64) * HW
+    mi_off = b.to(tl.int64) * mi_sb + c.to(tl.int64) * mi_sc
+    m_off = b.to(tl.int64) * m_sb + c.to(tl.int64) * m_sc
+    hw_lo, hw_hi, k = _chunk_tiles(pid_hw, BLOCK)
 
     step = tl.load(step_ptr).to(tl.int64)
     row = rows_ptr + step * 7
     has_next = step + 1 < T
     nxt = rows_ptr + tl.minimum(step + 1, T - 1) * 7
+    c_x, c_e, c_z = tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+    r_x, r_z = tl.load(nxt + 4), tl.load(nxt + 5)  # the blend before step i + 1's model call
+    blend = has_next & (tl.load(nxt + 6) != 0)
 
-    x = tl.load(x_ptr + idx, mask=inb, other=0.0)
-    e = tl.load(eps_hat_ptr + idx, mask=inb, other=0.0).to(tl.float32)
-    x_next = tl.load(row + 1) * x + tl.load(row + 2) * e  # c_x, c_e
-
+    z2_lo = 0.0  # placeholders where the draws are not used (no noise and no mask, or paired noise)
+    z1_lo = 0.0
+    z2_hi = 0.0
+    z1_hi = 0.0
     if not PAIRED_NOISE:
-        if HAS_NOISE:
-            z2, z1 = _plane_normals(tl.load(seed_ptr), plane_offset + plane.to(tl.int64), pid_hw,
-                                    (step + 1).to(tl.uint32), BLOCK, FAST_MATH)
-    if HAS_NOISE:
-        if PAIRED_NOISE:
-            z2 = tl.load(eps2_ptr + idx, mask=inb, other=0.0)
-        x_next = x_next + tl.load(row + 3) * z2  # c_z
-    if HAS_OUT:
-        tl.store(x_out_ptr + idx, x_next, mask=inb)
-
-    xn = x_next
-    if HAS_MASK:
-        if has_next & (tl.load(nxt + 6) != 0):  # blend flag of step i + 1: a runtime branch, no mask reads when off
-            m = tl.load(mask_ptr + b.to(tl.int64) * m_sb + c.to(tl.int64) * m_sc + hw, mask=inb, other=0.0)
-            m = m.to(tl.float32)
-            xi = tl.load(x_init_ptr + idx, mask=inb, other=0.0).to(tl.float32)
-            if PAIRED_NOISE:
-                z1 = tl.load(eps1_ptr + idx, mask=inb, other=0.0)
-            elif not HAS_NOISE:
-                _, z1 = _plane_normals(tl.load(seed_ptr), plane_offset + plane.to(tl.int64), pid_hw,
-                                       (step + 1).to(tl.uint32), BLOCK, FAST_MATH)
-            known = tl.load(nxt + 4) * xi + tl.load(nxt + 5) * z1  # r_x, r_z of step i + 1
-            xn = m * x_next + (1.0 - m) * known
-
-    tl.store(x_ptr + idx, xn, mask=inb)
-    mi = model_in_ptr + b.to(tl.int64) * mi_sb + c.to(tl.int64) * mi_sc + hw
-    # (hw < HW * has_next) rather than inb & has_next: the interpreter rejects a scalar-broadcast store mask
-    tl.store(mi, _to_model_dtype(xn, model_in_ptr.dtype.element_ty), mask=hw < HW * has_next.to(tl.int32))
+        if HAS_NOISE or HAS_MASK:
+            z2_lo, z1_lo, z2_hi, z1_hi = _pair_normals(tl.load(seed_ptr), plane_offset + plane.to(tl.int64), k,
+                                                       (step + 1).to(tl.uint32), FAST_MATH)
+    _step_part(x_ptr, eps_hat_ptr, model_in_ptr, mi_off, mask_ptr, m_off, x_init_ptr, x_out_ptr, eps1_ptr, eps2_ptr,
+               base, hw_lo, HW, z2_lo, z1_lo, c_x, c_e, c_z, r_x, r_z, blend, has_next,
+               HAS_MASK, HAS_NOISE, PAIRED_NOISE, HAS_OUT)
+    _step_part(x_ptr, eps_hat_ptr, model_in_ptr, mi_off, mask_ptr, m_off, x_init_ptr, x_out_ptr, eps1_ptr, eps2_ptr,
+               base, hw_hi, HW, z2_hi, z1_hi, c_x, c_e, c_z, r_x, r_z, blend, has_next,
+               HAS_MASK, HAS_NOISE, PAIRED_NOISE, HAS_OUT)
     t_next = tl.load(nxt)
     tl.store(t_in_ptr + b, t_next.to(t_in_ptr.dtype.element_ty), mask=has_next & (c == 0) & (pid_hw == 0))
+
+
+@triton.jit
+def _initial_part(
+    x_ptr, model_in_ptr, mi_off, mask_ptr, m_off, x_init_ptr, init_ptr, eps0_ptr, eps1_ptr,
+    base, hw, HW, z0, z1, r_x, r_z, blend,
+    HAS_MASK: tl.constexpr, HAS_INIT: tl.constexpr, PAIRED_NOISE: tl.constexpr,
+):
+    inb = hw < HW
+    idx = base + hw
+    if PAIRED_NOISE:
+        z0 = tl.load(eps0_ptr + idx, mask=inb, other=0.0)
+    x = z0
+    if HAS_INIT:
+        src = tl.load(init_ptr + idx, mask=inb, other=0.0).to(tl.float32)
+        x = r_x * src + r_z * z0
+    xn = x
+    if HAS_MASK:
+        if blend:
+            m = tl.load(mask_ptr + m_off + hw, mask=inb, other=0.0).to(tl.float32)
+            xi = tl.load(x_init_ptr + idx, mask=inb, other=0.0).to(tl.float32)
+            if PAIRED_NOISE:  # a new name: rebinding z1 inside a runtime branch would change its type
+                n1 = tl.load(eps1_ptr + idx, mask=inb, other=0.0)
+            else:
+                n1 = z1
+            known = r_x * xi + r_z * n1
+            xn = m * x + (1.0 - m) * known
+    tl.store(x_ptr + idx, xn, mask=inb)
+    tl.store(model_in_ptr + mi_off + hw, _to_model_dtype(xn, model_in_ptr.dtype.element_ty), mask=inb)
 
 
 @triton.jit
@@ -157,33 +221,24 @@ def _initial_kernel(
     pid_hw = tl.program_id(1)
     b = plane // C
     c = plane - b * C
-    hw = pid_hw * BLOCK + tl.arange(0, BLOCK)
-    inb = hw < HW
-    idx = plane.to(tl.int64) * HW + hw
+    base = plane.to(tl.int64) * HW
+    mi_off = b.to(tl.int64) * mi_sb + c.to(tl.int64) * mi_sc
+    m_off = b.to(tl.int64) * m_sb + c.to(tl.int64) * m_sc
+    hw_lo, hw_hi, k = _chunk_tiles(pid_hw, BLOCK)
+    r_x, r_z = tl.load(rows_ptr + 4), tl.load(rows_ptr + 5)
+    blend = tl.load(rows_ptr + 6) != 0
 
-    if PAIRED_NOISE:
-        z0 = tl.load(eps0_ptr + idx, mask=inb, other=0.0)
-    else:
-        z0, z1 = _plane_normals(tl.load(seed_ptr), plane_offset + plane.to(tl.int64), pid_hw,
-                                tl.full((), 0, tl.uint32), BLOCK, FAST_MATH)
-    x = z0
-    if HAS_INIT:
-        src = tl.load(init_ptr + idx, mask=inb, other=0.0).to(tl.float32)
-        x = tl.load(rows_ptr + 4) * src + tl.load(rows_ptr + 5) * z0
-    xn = x
-    if HAS_MASK:
-        if tl.load(rows_ptr + 6) != 0:
-            m = tl.load(mask_ptr + b.to(tl.int64) * m_sb + c.to(tl.int64) * m_sc + hw, mask=inb, other=0.0)
-            m = m.to(tl.float32)
-            xi = tl.load(x_init_ptr + idx, mask=inb, other=0.0).to(tl.float32)
-            if PAIRED_NOISE:
-                z1 = tl.load(eps1_ptr + idx, mask=inb, other=0.0)
-            known = tl.load(rows_ptr + 4) * xi + tl.load(rows_ptr + 5) * z1
-            xn = m * x + (1.0 - m) * known
-
-    tl.store(x_ptr + idx, xn, mask=inb)
-    mi = model_in_ptr + b.to(tl.int64) * mi_sb + c.to(tl.int64) * mi_sc + hw
-    tl.store(mi, _to_model_dtype(xn, model_in_ptr.dtype.element_ty), mask=inb)
+    z0_lo = 0.0
+    z1_lo = 0.0
+    z0_hi = 0.0
+    z1_hi = 0.0
+    if not PAIRED_NOISE:
+        z0_lo, z1_lo, z0_hi, z1_hi = _pair_normals(tl.load(seed_ptr), plane_offset + plane.to(tl.int64), k,
+                                                   tl.full((), 0, tl.uint32), FAST_MATH)
+    _initial_part(x_ptr, model_in_ptr, mi_off, mask_ptr, m_off, x_init_ptr, init_ptr, eps0_ptr, eps1_ptr,
+                  base, hw_lo, HW, z0_lo, z1_lo, r_x, r_z, blend, HAS_MASK, HAS_INIT, PAIRED_NOISE)
+    _initial_part(x_ptr, model_in_ptr, mi_off, mask_ptr, m_off, x_init_ptr, init_ptr, eps0_ptr, eps1_ptr,
+                  base, hw_hi, HW, z0_hi, z1_hi, r_x, r_z, blend, HAS_MASK, HAS_INIT, PAIRED_NOISE)
     t0 = tl.load(rows_ptr)
     tl.store(t_in_ptr + b, t0.to(t_in_ptr.dtype.element_ty), mask=(c == 0) & (pid_hw == 0))
 
@@ -191,13 +246,14 @@ def _initial_kernel(
 @triton.jit
 def _noise_kernel(a_ptr, b_ptr, seed_ptr, phase, HW, plane_offset, BLOCK: tl.constexpr, FAST_MATH: tl.constexpr):
     plane = tl.program_id(0)
-    pid_hw = tl.program_id(1)
-    hw = pid_hw * BLOCK + tl.arange(0, BLOCK)
-    idx = plane.to(tl.int64) * HW + hw
-    a, b = _plane_normals(tl.load(seed_ptr), plane_offset + plane.to(tl.int64), pid_hw, phase.to(tl.uint32),
-                          BLOCK, FAST_MATH)
-    tl.store(a_ptr + idx, a, mask=hw < HW)
-    tl.store(b_ptr + idx, b, mask=hw < HW)
+    hw_lo, hw_hi, k = _chunk_tiles(tl.program_id(1), BLOCK)
+    base = plane.to(tl.int64) * HW
+    a_lo, b_lo, a_hi, b_hi = _pair_normals(tl.load(seed_ptr), plane_offset + plane.to(tl.int64), k,
+                                           phase.to(tl.uint32), FAST_MATH)
+    tl.store(a_ptr + base + hw_lo, a_lo, mask=hw_lo < HW)
+    tl.store(b_ptr + base + hw_lo, b_lo, mask=hw_lo < HW)
+    tl.store(a_ptr + base + hw_hi, a_hi, mask=hw_hi < HW)
+    tl.store(b_ptr + base + hw_hi, b_hi, mask=hw_hi < HW)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,9 +268,9 @@ def interpreting() -> bool:
 def _block_and_warps(hw: int, block: int | None, num_warps: int | None) -> tuple[int, int]:
     if block is None:
         # The interpreter runs programs one after another: few large blocks are ~10x faster there.
-        block = min(max(triton.next_power_of_2(hw), 16), 1 << 16) if interpreting() else 1024
-    if block < 2 or block & (block - 1):
-        raise ValueError(f"block must be a power of two >= 2, got {block}")
+        block = min(max(triton.next_power_of_2(hw), CHUNK_SIZE), 1 << 16) if interpreting() else CHUNK_SIZE
+    if block < CHUNK_SIZE or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= {CHUNK_SIZE}, got {block}")
     if num_warps is None:
         num_warps = 4 if block <= 1024 else 8
     return block, num_warps

@@ -134,13 +134,22 @@ def synthetic_tile(rng: np.random.Generator, size: int = 64) -> Tile:
     return tile
 
 
-def training_batch(rng: np.random.Generator, batch: int, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0, background), each [B, 1, size, size] normalised: the model learns p(x0 | background)."""
+def training_batch(rng: np.random.Generator, batch: int, size: int = 64, crop: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, background), each [B, 1, crop, crop] normalised by the whole size x size tile's background range.
+
+    Random crops of larger tiles train 4x cheaper per step than whole tiles, while the values keep the
+    normalisation statistics of the tile size the model will be run on.
+    """
+    crop = size if crop is None else crop
+    if not 1 <= crop <= size:
+        raise ValueError(f"crop must be in [1, size={size}], got {crop}")
     x0, bg = [], []
     for _ in range(batch):
         truth = synthetic_sst(rng, size)
         back = background_for(truth, rng)
         lo, hi = minmax_range(back)
-        x0.append(normalize(truth, lo, hi))
-        bg.append(normalize(back, lo, hi))
+        i, j = rng.integers(0, size - crop + 1, size=2)
+        x0.append(normalize(truth[i:i + crop, j:j + crop], lo, hi))
+        bg.append(normalize(back[i:i + crop, j:j + crop], lo, hi))
     return torch.from_numpy(np.stack(x0))[:, None], torch.from_numpy(np.stack(bg))[:, None]

@@ -12,7 +12,7 @@ from ddpm_engine.models.checkpoint import read_checkpoint, save_checkpoint
 from ddpm_engine.models.data import training_batch
 from ddpm_engine.models.train import TrainConfig, diffusion_loss, ema_update, train
 
-TINY = dict(size=16, batch=2, warmup=2, save_every=2)
+TINY = dict(size=16, crop=12, batch=2, warmup=2, save_every=2)
 
 
 def test_a_few_steps_write_a_loadable_checkpoint_and_resume(tmp_path):
@@ -55,7 +55,7 @@ def test_loss_is_mse_on_the_noise_and_ema_moves_toward_the_weights():
 
 
 def test_cli_train_runs_and_reports(tmp_path, capsys):
-    rc = main(["train", "--out", str(tmp_path / "cli"), "--max-steps", "2", "--size", "16", "--batch", "1", "--quiet"])
+    rc = main(["train", "--out", str(tmp_path / "cli"), "--max-steps", "2", "--size", "16", "--crop", "16", "--batch", "1", "--quiet"])
     assert rc == 0 and "2 steps" in capsys.readouterr().out
     assert (tmp_path / "cli" / "model.safetensors").is_file()
 

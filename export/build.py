@@ -200,7 +200,6 @@ def build(
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     force: bool = False,
     progress: Progress | None = None,
-    _fail_after: str | None = None,
 ) -> BuildResult:
     """Build an engine directory for one backend and precision; reuse everything a previous identical build made.
 
@@ -261,8 +260,6 @@ def build(
             return {"path": "model", "files": files, "precision": "fp32", "format": "safetensors + config.json"}
 
         artefacts["torch"] = stages.run("save PyTorch weights", keep_weights)
-        if _fail_after == "torch":
-            raise RuntimeError("injected failure after the torch stage (test)")
 
         def onnx_stage():
             hit = _reuse(old_dir, old, "onnx", keys["onnx"], stage)
@@ -285,8 +282,6 @@ def build(
         if not artefacts["onnx"]["dynamic_hw"] and dynamic_hw:
             stages.note("note: " + artefacts["onnx"]["note"])
             profile = profile.static_at(profile.opt_size)
-        if _fail_after == "onnx":
-            raise RuntimeError("injected failure after the ONNX stage (test)")
 
         graph = ONNX_NAME
         if precision != "fp32" and backend in ("onnxruntime", "tensorrt"):
@@ -323,8 +318,6 @@ def build(
                                         "key": keys["onnxruntime"],
                                         "cpu_runnable": precision != "bf16",
                                         "verification": src.get("verification")}
-        if _fail_after == "precision":
-            raise RuntimeError("injected failure after the precision stage (test)")
 
         if backend == "openvino":
             artefacts["openvino"] = stages.run(
@@ -336,8 +329,6 @@ def build(
                 "TensorRT plan", lambda: _reuse(old_dir, old, "tensorrt", keys["tensorrt"], stage)
                 or _tensorrt_stage(stage, out_dir if out_dir.is_dir() else None, model, graph, profile,
                                    desc["c_in"], trt_settings, verify, tolerance, precision, stages))
-        if _fail_after == "backend":
-            raise RuntimeError("injected failure after the backend stage (test)")
 
         # Artefacts an earlier build left for other backends stay when they match this build exactly (same
         # weights, profile, precision and libraries: their stage key), so building openvino after tensorrt
@@ -372,8 +363,6 @@ def build(
         }
         # engine.json is the last file written: a staging dir without it never becomes an engine.
         write_manifest(stage, manifest)
-        if _fail_after == "manifest":
-            raise RuntimeError("injected failure after the manifest was written (test)")
     return BuildResult(out_dir, manifest, False, stages.done)
 
 

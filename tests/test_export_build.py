@@ -140,22 +140,40 @@ def test_changed_weights_are_not_a_cache_hit(tmp_path):
     assert second.manifest["model"]["weights_sha256"] != first.manifest["model"]["weights_sha256"]
 
 
+def _crash_inside(monkeypatch, stage):
+    """Make one stage die half-way, after it has written part of its files (as a kill would)."""
+    import importlib
+
+    build_mod = importlib.import_module("ddpm_engine.export.build")  # the attribute `build` is the function
+
+    def half_then_die(real):
+        def wrapper(*args, **kwargs):
+            real(*args, **kwargs)
+            raise RuntimeError(f"injected crash in {stage}")
+        return wrapper
+
+    target = {"torch": "save_model_checkpoint", "onnx": "export_onnx", "backend": "_openvino_stage",
+              "manifest": "write_manifest"}[stage]
+    monkeypatch.setattr(build_mod, target, half_then_die(getattr(build_mod, target)))
+
+
 @pytest.mark.parametrize("stage", ["torch", "onnx", "backend", "manifest"])
-def test_build_killed_mid_way_leaves_no_engine_and_no_debris(tmp_path, stage):
+def test_build_killed_mid_way_leaves_no_engine_and_no_debris(tmp_path, monkeypatch, stage):
     target = tmp_path / "eng"
-    with pytest.raises(RuntimeError, match="injected"):
-        build(_tiny(), target, backend="openvino", batch=BATCH, size=SIZE, verify=False, _fail_after=stage)
+    _crash_inside(monkeypatch, stage)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        build(_tiny(), target, backend="openvino", batch=BATCH, size=SIZE, verify=False)
     assert not target.exists()
     assert list(tmp_path.iterdir()) == []  # the staging directory was removed
 
 
-def test_failed_rebuild_keeps_the_previous_engine_intact(tmp_path):
+def test_failed_rebuild_keeps_the_previous_engine_intact(tmp_path, monkeypatch):
     target = tmp_path / "eng"
     build(_tiny(), target, backend="onnxruntime", batch=BATCH, size=SIZE, verify=False)
     before = read_manifest(target)
-    with pytest.raises(RuntimeError, match="injected"):
-        build(_tiny(), target, backend="openvino", precision="bf16", batch=BATCH, size=SIZE, verify=False,
-              _fail_after="backend")
+    _crash_inside(monkeypatch, "backend")
+    with pytest.raises(RuntimeError, match="injected crash"):
+        build(_tiny(), target, backend="openvino", precision="bf16", batch=BATCH, size=SIZE, verify=False)
     assert read_manifest(target) == before
     check_engine_dir(target, "onnxruntime")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eng"]

@@ -47,11 +47,54 @@ def _to_tensor(arr: np.ndarray, name: str, precision: str):
     return numpy_helper.from_array(_convert_array(arr, precision), name)
 
 
-def _float_values(model) -> dict[str, int]:
-    """elem_type of every typed value (inputs, outputs, initializers, inferred intermediates)."""
+_PROTO_LIMIT = 2 * 1024**3 - 64 * 1024**2
+
+
+def _without_data(model):
+    """Copy of a graph whose initializers keep name, type and dims but no data (fits in protobuf's 2 GB)."""
     import onnx
 
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    for init in light.graph.initializer:
+        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            init.ClearField(field)
+        del init.external_data[:]
+        init.data_location = onnx.TensorProto.DEFAULT
+    return light
+
+
+def _upgrade_opset(model, version: int):
+    """onnx.version_converter to `version`; big graphs are converted without their weights, which are then put
+    back by initializer name (the converter rewrites nodes, not weights)."""
+    from onnx import version_converter
+
+    if model.ByteSize() < _PROTO_LIMIT:
+        return version_converter.convert_version(model, version)
+    data = {i.name: i for i in model.graph.initializer}
+    out = version_converter.convert_version(_without_data(model), version)
+    for init in out.graph.initializer:
+        if init.name in data:
+            init.CopyFrom(data[init.name])
+    return out
+
+
+def _infer(model):
+    """Shape/type inference; above protobuf's 2 GB it runs on a copy whose initializers carry no data (types and
+    dims are all inference needs), and the result is applied to the real graph."""
+    import onnx
+
+    if model.ByteSize() < _PROTO_LIMIT:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    light = onnx.shape_inference.infer_shapes(_without_data(model), strict_mode=False)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(light.graph.value_info)
+    return model
+
+
+def _float_values(model) -> dict[str, int]:
+    """elem_type of every typed value (inputs, outputs, initializers, inferred intermediates)."""
+    inferred = _infer(model)
     g = inferred.graph
     types = {}
     for vi in list(g.input) + list(g.output) + list(g.value_info):
@@ -161,17 +204,21 @@ def convert_precision(model, precision: str, *, keep_io_types: bool = True, keep
     where Conv/ConvTranspose accept bfloat16.
     """
     import onnx
-    from onnx import TensorProto, helper, numpy_helper, version_converter
+    from onnx import TensorProto, helper, numpy_helper
 
     if precision == "fp32":
-        return onnx.ModelProto.FromString(model.SerializeToString())
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return copy
     if precision not in _NAMES:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if precision == "bf16" and opset < 22:
-        model = version_converter.convert_version(model, 22)
+        model = _upgrade_opset(model, 22)
     else:
-        model = onnx.ModelProto.FromString(model.SerializeToString())
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # not SerializeToString: that fails above 2 GB
+        model = copy
     low = _onnx_type(precision)
     types = _float_values(model)
     plan = plan_precision(model, precision, keep_fp32_ops)
@@ -297,8 +344,9 @@ def convert_precision(model, precision: str, *, keep_io_types: bool = True, keep
     del g.node[:]
     g.node.extend(new_nodes)
     del g.value_info[:]  # stale dtypes; re-inferred below
-    model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    onnx.checker.check_model(model)
+    model = _infer(model)
+    if model.ByteSize() < _PROTO_LIMIT:
+        onnx.checker.check_model(model)  # big graphs are checked by the runtimes that verify them
     return model
 
 
@@ -307,8 +355,7 @@ def precision_summary(model) -> dict[str, dict[str, int]]:
     import onnx
     from onnx import TensorProto
 
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    g = inferred.graph
+    g = _infer(model).graph
     types = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.input) + list(g.output) + list(g.value_info)}
     types.update({i.name: i.data_type for i in g.initializer})
     names = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}

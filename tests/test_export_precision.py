@@ -125,3 +125,15 @@ def test_sum_of_squares_over_large_image_does_not_overflow_fp16(tmp_path):
     print(f"fp16 L2-normalised 300x300: max abs error {report.max_abs_err:.3g}, largest fp16 tensor "
           f"{report.range_check['max_abs']:.3g}")
     assert report.range_check["max_abs"] < 65504
+
+
+@pytest.mark.parametrize("precision,runtime", [("fp16", "onnxruntime"), ("bf16", "openvino")])
+def test_conversion_of_graphs_above_protobuf_limit(tiny, fp32_graph, tmp_path, monkeypatch, precision, runtime):
+    # Above 2 GB, inference and the opset upgrade run on a weight-less copy; a tiny limit takes that path here.
+    import ddpm_engine.export.precision as precision_mod
+
+    monkeypatch.setattr(precision_mod, "_PROTO_LIMIT", 10)
+    path = tmp_path / f"model.{precision}.onnx"
+    onnx.save(convert_precision(onnx.load(str(fp32_graph)), precision), str(path))
+    report = verify_onnx(path, tiny, CASES[:2], precision=precision, runtime=runtime)
+    assert report.max_abs_err < TOLERANCES[precision]

@@ -1,0 +1,222 @@
+"""The Open Inference Protocol (KServe v2 REST) for one engine: metadata, infer request parsing, responses.
+
+Framework-free (bytes and dicts in, bytes and dicts out) so that the Starlette service and the Ray Serve
+deployment speak exactly the same protocol, including the binary tensor data extension: with the
+`Inference-Header-Content-Length: N` header the first N bytes of the body are the JSON header and the rest
+are the raw little-endian tensors of the inputs that declare `parameters.binary_data_size`, in order.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from .batcher import Job
+
+HEADER_LENGTH = "inference-header-content-length"
+INPUTS = ("background", "mask", "x_init")
+OUTPUT = "sample"
+VERSION = "1"
+DTYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2"), "FP64": np.dtype("<f8")}
+PARAMETERS = {"timesteps": int, "sampler": str, "seed": int, "t_start": float, "t_end": float}
+
+
+class ProtocolError(Exception):
+    """A request the service refuses: HTTP status + a message naming the problem."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def server_metadata() -> dict:
+    from importlib import metadata
+
+    try:
+        version = metadata.version("ddpm-engine")
+    except metadata.PackageNotFoundError:
+        version = "0"
+    return {"name": "ddpm-engine", "version": version, "extensions": ["binary_tensor_data"]}
+
+
+def model_metadata(engine, name: str) -> dict:
+    c_bg = engine.c_in - engine.c_out
+    size = engine.size_range
+    return {
+        "name": name, "versions": [VERSION], "platform": f"ddpm-engine/{engine.backend}",
+        "inputs": [
+            {"name": "background", "datatype": "FP32", "shape": [-1, c_bg, -1, -1]},
+            {"name": "mask", "datatype": "FP32", "shape": [-1, -1, -1, -1], "optional": True},
+            {"name": "x_init", "datatype": "FP32", "shape": [-1, engine.c_out, -1, -1], "optional": True},
+        ],
+        "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, engine.c_out, -1, -1]}],
+        "parameters": {"max_batch": engine.max_batch, "min_size": list(size[0]) if size else None,
+                       "max_size": list(size[1]) if size else None,
+                       "request_parameters": {"timesteps": "int (default 300)", "sampler": "ddpm | ddim",
+                                              "seed": "int (default 0)", "t_start": "float (default 1.0)",
+                                              "t_end": "float (default 0.0)"}},
+    }
+
+
+def _split_body(body: bytes, header_length: str | None) -> tuple[dict, memoryview]:
+    if header_length is None:
+        json_part, binary = body, memoryview(b"")
+    else:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise ProtocolError(400, f"Inference-Header-Content-Length must be an integer, got {header_length!r}") \
+                from None
+        if not 0 < n <= len(body):
+            raise ProtocolError(400, f"Inference-Header-Content-Length {n} is outside the body of {len(body)} bytes")
+        json_part, binary = body[:n], memoryview(body)[n:]
+    try:
+        header = json.loads(json_part)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(400, "request body must be a JSON object with an 'inputs' list")
+    return header, binary
+
+
+def _tensor(spec, binary: memoryview, offset: int) -> tuple[str, np.ndarray, int]:
+    """One input spec -> (name, float32 array, new binary offset)."""
+    if not isinstance(spec, dict):
+        raise ProtocolError(400, "each input must be a JSON object with name, shape, datatype and data")
+    name = spec.get("name")
+    if name not in INPUTS:
+        raise ProtocolError(400, f"unknown input {name!r}; this model takes {list(INPUTS)}")
+    shape = spec.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
+                                              for s in shape) or len(shape) not in (3, 4):
+        raise ProtocolError(400, f"input {name!r}: shape must be 3 or 4 positive integers [B, C, H, W], "
+                                 f"got {shape!r}")
+    datatype = spec.get("datatype")
+    if datatype not in DTYPES:
+        raise ProtocolError(400, f"input {name!r}: datatype must be one of {list(DTYPES)}, got {datatype!r}")
+    dtype, count = DTYPES[datatype], math.prod(shape)
+    params = spec.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ProtocolError(400, f"input {name!r}: parameters must be a JSON object")
+    size = params.get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or isinstance(size, bool) or size != count * dtype.itemsize:
+            raise ProtocolError(400, f"input {name!r}: binary_data_size {size!r} does not match shape {shape} "
+                                     f"of {datatype} ({count * dtype.itemsize} bytes)")
+        if offset + size > len(binary):
+            raise ProtocolError(400, f"input {name!r}: the body holds {len(binary) - offset} binary bytes, "
+                                     f"{size} declared")
+        array = np.frombuffer(binary[offset:offset + size], dtype=dtype).reshape(shape)
+        offset += size
+    else:
+        data = spec.get("data")
+        if data is None:
+            raise ProtocolError(400, f"input {name!r} has neither 'data' nor parameters.binary_data_size")
+        try:
+            array = np.asarray(data, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ProtocolError(400, f"input {name!r}: data must be a (flat or nested) list of numbers") from None
+        if array.size != count:
+            raise ProtocolError(400, f"input {name!r}: data has {array.size} values, shape {shape} needs {count}")
+        array = array.reshape(shape)
+    array = array.astype(np.float32)  # a copy: owns its memory, not a view of the request body
+    if array.ndim == 3:
+        array = array[None]
+    if not np.isfinite(array).all():
+        raise ProtocolError(400, f"input {name!r} contains NaN or inf")
+    return name, array, offset
+
+
+def _parameter(params: dict, name: str, default):
+    value = params.get(name, default)
+    want = PARAMETERS[name]
+    ok = isinstance(value, want) and not isinstance(value, bool)
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ProtocolError(400, f"parameter {name!r} must be {want.__name__}, got {value!r}")
+    return value
+
+
+def parse_infer(body: bytes, header_length: str | None, engine, max_timesteps: int = 1000) -> tuple[Job, dict]:
+    """An infer request body -> (validated Job, response options {id, binary}); ProtocolError(400) when wrong."""
+    header, binary = _split_body(body, header_length)
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise ProtocolError(400, "request must have a non-empty 'inputs' list (background, optional mask, x_init)")
+    arrays, offset = {}, 0
+    for spec in inputs:
+        name, array, offset = _tensor(spec, binary, offset)
+        if name in arrays:
+            raise ProtocolError(400, f"input {name!r} given twice")
+        arrays[name] = array
+    if offset != len(binary):
+        raise ProtocolError(400, f"{len(binary) - offset} binary bytes after the declared inputs")
+    if "background" not in arrays:
+        raise ProtocolError(400, "input 'background' is required")
+    params = header.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ProtocolError(400, "request parameters must be a JSON object")
+    job = Job(arrays["background"], mask=arrays.get("mask"), x_init=arrays.get("x_init"),
+              timesteps=_parameter(params, "timesteps", 300), sampler=_parameter(params, "sampler", "ddpm"),
+              t_start=_parameter(params, "t_start", 1.0), t_end=_parameter(params, "t_end", 0.0),
+              seed=_parameter(params, "seed", 0))
+    if not 1 <= job.timesteps <= max_timesteps:
+        raise ProtocolError(400, f"parameter 'timesteps' must be in [1, {max_timesteps}] on this server, "
+                                 f"got {job.timesteps}")
+    validate(engine, job)
+    binary_out = bool(params.get("binary_data_output", False))
+    outputs = header.get("outputs")
+    if outputs is not None:
+        if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+            raise ProtocolError(400, "'outputs' must be a list of JSON objects")
+        for out in outputs:
+            if out.get("name") != OUTPUT:
+                raise ProtocolError(400, f"unknown output {out.get('name')!r}; this model has [{OUTPUT!r}]")
+            binary_out = bool((out.get("parameters") or {}).get("binary_data", binary_out))
+    request_id = header.get("id")
+    return job, {"id": request_id if isinstance(request_id, str) else None, "binary": binary_out}
+
+
+def validate(engine, job: Job) -> None:
+    """Everything Engine.sample would refuse, checked before the job can share a batch (ProtocolError 400)."""
+    import torch
+
+    from .samplers import step_table
+    from .validation import check_sample_inputs
+
+    c_bg = engine.c_in - engine.c_out
+    bg = job.background
+    t = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
+    try:
+        if bg.shape[1] != c_bg:
+            raise ValueError(f"background has {bg.shape[1]} channels; this model takes {c_bg}")
+        if engine.size_range is not None:
+            (h0, w0), (h1, w1) = engine.size_range
+            if not (h0 <= bg.shape[2] <= h1 and w0 <= bg.shape[3] <= w1):
+                raise ValueError(f"image size {bg.shape[2]}x{bg.shape[3]} is outside what this engine serves "
+                                 f"({h0}x{w0} .. {h1}x{w1})")
+        rows = bg.shape[0] if job.x_init is None else job.x_init.shape[0]
+        check_sample_inputs(t(bg), (rows, engine.c_out) + bg.shape[2:], t(job.mask), t(job.x_init))
+        step_table(engine.schedule, job.sampler, job.timesteps, job.t_start, job.t_end)
+        if not 0 <= job.seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2^63), got {job.seed}")
+    except ValueError as exc:
+        raise ProtocolError(400, str(exc)) from None
+
+
+def infer_response(result: np.ndarray, name: str, options: dict, seed: int) -> tuple[bytes, dict]:
+    """(body, headers) for a result, JSON or with the binary extension as the request asked."""
+    result = np.ascontiguousarray(result, dtype="<f4")
+    out = {"name": OUTPUT, "datatype": "FP32", "shape": list(result.shape)}
+    reply = {"model_name": name, "model_version": VERSION, "parameters": {"seed": seed}, "outputs": [out]}
+    if options.get("id") is not None:
+        reply["id"] = options["id"]
+    if options.get("binary"):
+        raw = result.tobytes()
+        out["parameters"] = {"binary_data_size": len(raw)}
+        head = json.dumps(reply).encode()
+        return head + raw, {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
+    out["data"] = result.ravel().tolist()
+    return json.dumps(reply).encode(), {"content-type": "application/json"}

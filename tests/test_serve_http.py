@@ -1,0 +1,370 @@
+"""The HTTP service on loopback: protocol, exact per-request results under load, refusals, slow and vanishing clients,
+shutdown, the unmodified tritonclient, and the CLI."""
+import concurrent.futures
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+
+from ddpm_engine.engine import load
+from ddpm_engine.engine.serve_http import Service
+
+H = W = 8
+URL = "/v2/models/tiny"
+
+
+class Running:
+    """A Service under uvicorn in a thread, on a free loopback port."""
+
+    def __init__(self, engine, **kwargs):
+        self.service = Service(engine, "tiny", **kwargs)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.base = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(self.service.app, log_level="warning", lifespan="on", timeout_graceful_shutdown=10)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+
+    def stop(self):
+        self.service.begin_shutdown()
+        self.server.should_exit = True
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "server did not shut down"
+        self.sock.close()
+
+    def metric(self, name):
+        text = httpx.get(self.base + "/metrics").text
+        return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_engine_dir):
+    return load(tiny_engine_dir, backend="onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    running = Running(engine, max_queue=4, batch_window_ms=20, read_timeout_s=1.0, max_body_bytes=200_000)
+    yield running
+    running.stop()
+
+
+def tile(seed, rows=1, h=H, w=W):
+    g = np.random.default_rng(seed)
+    return (g.uniform(-1, 1, (rows, 1, h, w)).astype(np.float32), g.uniform(-1, 1, (rows, 1, h, w)).astype(np.float32),
+            (g.uniform(size=(1, 1, h, w)) > 0.5).astype(np.float32))
+
+
+def json_input(name, array):
+    return {"name": name, "shape": list(array.shape), "datatype": "FP32", "data": array.ravel().tolist()}
+
+
+def infer_json(bg, mask=None, x_init=None, **params):
+    inputs = [json_input("background", bg)]
+    inputs += [json_input(n, a) for n, a in (("mask", mask), ("x_init", x_init)) if a is not None]
+    return {"inputs": inputs, "parameters": params}
+
+
+def infer_binary(bg, mask=None, x_init=None, **params):
+    """A body with the binary tensor data extension: (bytes, headers)."""
+    arrays = [("background", bg)] + ([("mask", mask), ("x_init", x_init)] if mask is not None else [])
+    head = {"inputs": [{"name": n, "shape": list(a.shape), "datatype": "FP32",
+                        "parameters": {"binary_data_size": a.nbytes}} for n, a in arrays],
+            "outputs": [{"name": "sample", "parameters": {"binary_data": True}}], "parameters": params}
+    head = json.dumps(head).encode()
+    return head + b"".join(a.tobytes() for _, a in arrays), {"Inference-Header-Content-Length": str(len(head))}
+
+
+def output(response):
+    """The `sample` output of a 200 response, JSON or binary."""
+    n = response.headers.get("inference-header-content-length")
+    head = json.loads(response.content[:int(n)] if n else response.content)
+    out = head["outputs"][0]
+    assert out["name"] == "sample" and out["datatype"] == "FP32"
+    if n:
+        data = np.frombuffer(response.content[int(n):], dtype="<f4")
+        assert data.nbytes == out["parameters"]["binary_data_size"]
+    else:
+        data = np.asarray(out["data"], dtype=np.float32)
+    return data.reshape(out["shape"])
+
+
+def test_health_metadata_and_unknown_names(server):
+    get = lambda path: httpx.get(server.base + path)  # noqa: E731
+    assert get("/v2/health/live").json() == {"live": True}
+    assert get("/v2/health/ready").json() == {"ready": True}
+    assert get(URL + "/ready").json() == {"name": "tiny", "ready": True}
+    assert "binary_tensor_data" in get("/v2").json()["extensions"]
+    meta = get(URL).json()
+    assert meta == get(URL + "/versions/1").json()
+    assert [i["name"] for i in meta["inputs"]] == ["background", "mask", "x_init"]
+    assert meta["outputs"] == [{"name": "sample", "datatype": "FP32", "shape": [-1, 1, -1, -1]}]
+    assert meta["parameters"]["max_batch"] == 4
+    r = get("/v2/models/other")
+    assert r.status_code == 404 and "unknown model 'other'; this server serves 'tiny'" in r.json()["error"]
+    assert get(URL + "/versions/2").status_code == 404
+    assert get("/nope").json() == {"error": "GET /nope: Not Found"}
+    assert httpx.get(server.base + URL + "/infer").status_code == 405
+
+
+def test_json_and_binary_infer_equal_a_direct_engine_call(server, engine):
+    bg, x_init, mask = tile(1, rows=2)
+    want = engine.sample(bg, mask=mask, x_init=x_init, timesteps=5, sampler="ddim", seed=42)
+    r = httpx.post(server.base + URL + "/infer", json=infer_json(bg, mask, x_init, timesteps=5, sampler="ddim",
+                                                                   seed=42) | {"id": "req-1"}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] == "req-1" and r.json()["model_name"] == "tiny"
+    np.testing.assert_array_equal(output(r), want)
+    body, headers = infer_binary(bg, mask, x_init, timesteps=5, sampler="ddim", seed=42)
+    r = httpx.post(server.base + URL + "/versions/1/infer", content=body, headers=headers, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+    np.testing.assert_array_equal(output(r), want)
+    bg3 = tile(2)[0][0]  # one image [C, H, W]; default parameters except timesteps
+    r = httpx.post(server.base + URL + "/infer", json=infer_json(bg3, timesteps=3), timeout=30)
+    np.testing.assert_array_equal(output(r), engine.sample(bg3, timesteps=3, seed=0))
+
+
+def test_twice_capacity_every_request_exact_or_503(server, engine):
+    # capacity: 4 queued + 4 running rows; 16 clients at once, each with its own inputs and seed
+    n = 16
+    requests = []
+    for k in range(n):
+        bg, x_init, mask = tile(100 + k, rows=1 + (k % 5 == 0))
+        masked = k % 2 == 0
+        requests.append((bg, mask if masked else None, x_init if masked else None, 1000 + k))
+    barrier = threading.Barrier(n)
+
+    def call(k):
+        bg, mask, x_init, seed = requests[k]
+        body, headers = infer_binary(bg, mask, x_init, timesteps=8, seed=seed)
+        with httpx.Client(timeout=60) as client:
+            barrier.wait()
+            start = time.perf_counter()
+            r = client.post(server.base + URL + "/infer", content=body, headers=headers)
+            return r, time.perf_counter() - start
+
+    before = server.metric("ddpm_engine_batch_rows_count"), server.metric("ddpm_engine_batch_rows_sum")
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        answers = list(pool.map(call, range(n)))
+    codes = [r.status_code for r, _ in answers]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(200) >= 4 and codes.count(503) >= 1, codes
+    for (bg, mask, x_init, seed), (r, _) in zip(requests, answers):
+        if r.status_code == 503:
+            assert int(r.headers["retry-after"]) >= 1 and "server busy" in r.json()["error"]
+            continue
+        np.testing.assert_array_equal(output(r), engine.sample(bg, mask=mask, x_init=x_init, timesteps=8, seed=seed))
+    batches = server.metric("ddpm_engine_batch_rows_count") - before[0]
+    rows = server.metric("ddpm_engine_batch_rows_sum") - before[1]
+    assert rows == sum(requests[k][0].shape[0] for k, c in enumerate(codes) if c == 200)
+    assert batches < codes.count(200)  # requests shared engine calls
+    latencies = sorted(t for (r, t) in answers if r.status_code == 200)
+    print(f"\nload: {n} requests, {codes.count(200)} x 200, {codes.count(503)} x 503, {int(batches)} engine calls, "
+          f"latency of 200s p50 {latencies[len(latencies) // 2]:.3f} s max {latencies[-1]:.3f} s")
+    assert server.metric("ddpm_engine_queue_depth") == 0
+    r = httpx.post(server.base + URL + "/infer", json=infer_json(requests[1][0], timesteps=2, seed=1), timeout=30)
+    assert r.status_code == 200  # and the service carries on
+
+
+BG = tile(0)[0]
+
+
+@pytest.mark.parametrize("body, headers, status, message", [
+    (b"{bad", {}, 400, "request body is not valid JSON"),
+    (b"[1, 2]", {}, 400, "must be a JSON object"),
+    (json.dumps({"inputs": []}).encode(), {}, 400, "non-empty 'inputs' list"),
+    (json.dumps({"inputs": [json_input("image", BG)]}).encode(), {}, 400, "unknown input 'image'"),
+    (json.dumps({"inputs": [json_input("x_init", BG)]}).encode(), {}, 400, "input 'background' is required"),
+    (json.dumps(infer_json(np.zeros((1, 3, H, W), np.float32))).encode(), {}, 400,
+     "background has 3 channels; this model takes 1"),
+    (json.dumps(infer_json(np.zeros((1, 1, 64, 64), np.float32))).encode(), {}, 400,
+     "image size 64x64 is outside what this engine serves"),
+    (json.dumps({"inputs": [json_input("background", BG) | {"shape": [1, 1, 8, 9]}]}).encode(), {}, 400,
+     r"data has 64 values, shape \[1, 1, 8, 9\] needs 72"),
+    (json.dumps({"inputs": [json_input("background", BG) | {"shape": [8, 8]}]}).encode(), {}, 400,
+     "shape must be 3 or 4 positive integers"),
+    (json.dumps({"inputs": [json_input("background", BG) | {"datatype": "INT8"}]}).encode(), {}, 400,
+     "datatype must be one of"),
+    (json.dumps({"inputs": [json_input("background", BG) | {"data": ["a"] * 64}]}).encode(), {}, 400,
+     "data must be a"),
+    (json.dumps(infer_json(BG, BG, None)).encode(), {}, 400, "mask given without x_init"),
+    (json.dumps(infer_json(BG, BG * 3, BG)).encode(), {}, 400, r"mask values must lie in \[0, 1\]"),
+    (json.dumps(infer_json(BG, sampler="euler")).encode(), {}, 400, "unknown sampler 'euler'"),
+    (json.dumps(infer_json(BG, timesteps="ten")).encode(), {}, 400, "parameter 'timesteps' must be int"),
+    (json.dumps(infer_json(BG, timesteps=5000)).encode(), {}, 400, r"'timesteps' must be in \[1, 1000\]"),
+    (json.dumps(infer_json(BG, t_start=0.2, t_end=0.5)).encode(), {}, 400, "t_start must be greater than t_end"),
+    (json.dumps(infer_json(BG, seed=-3)).encode(), {}, 400, r"seed must be an integer in \[0, 2\^63\)"),
+    (json.dumps(infer_json(np.where(BG > 0.5, np.nan, BG))).encode(), {}, 400, "input 'background' contains NaN"),
+    (json.dumps(infer_json(BG) | {"outputs": [{"name": "eps"}]}).encode(), {}, 400, "unknown output 'eps'"),
+    (infer_binary(BG)[0][:-4], infer_binary(BG)[1], 400, "binary bytes, 256 declared"),
+    (infer_binary(BG)[0] + b"xx", infer_binary(BG)[1], 400, "2 binary bytes after the declared inputs"),
+    (infer_binary(BG)[0], {"Inference-Header-Content-Length": "99999"}, 400, "outside the body"),
+    (infer_binary(BG)[0], {"Inference-Header-Content-Length": "ab"}, 400, "must be an integer"),
+    (json.dumps(infer_json(BG)).encode(), {"Content-Encoding": "gzip"}, 415, "Content-Encoding 'gzip'"),
+    (b"0" * 300_000, {}, 413, "exceeds the limit of 200000"),
+], ids=lambda v: v if isinstance(v, str) and not v.startswith("{") else "")
+def test_bad_requests_are_refused_naming_the_problem(server, body, headers, status, message):
+    r = httpx.post(server.base + URL + "/infer", content=body, headers=headers, timeout=30)
+    assert r.status_code == status, r.text
+    assert re.search(message, r.json()["error"]), r.json()["error"]
+
+
+def test_huge_chunked_body_is_cut_off(server):
+    def chunks():
+        for _ in range(100):
+            yield b"1" * 10_000
+
+    r = httpx.post(server.base + URL + "/infer", content=chunks(), timeout=30)  # no Content-Length: chunked
+    assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]
+
+
+def raw_request(port, body: bytes, declared: int | None = None) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(f"POST {URL}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {declared or len(body)}\r\n\r\n".encode() + body)
+    return s
+
+
+def test_slow_client_gets_408_without_holding_up_others(server):
+    slow = raw_request(server.port, b'{"inputs": [', declared=5000)  # then stalls
+    try:
+        start = time.perf_counter()
+        r = httpx.post(server.base + URL + "/infer", json=infer_json(BG, timesteps=2), timeout=30)
+        assert r.status_code == 200 and time.perf_counter() - start < 1.0  # read timeout is 1 s
+        slow.settimeout(10)
+        reply = slow.recv(4096).decode()
+        assert reply.startswith("HTTP/1.1 408") and "not received within 1 s" in reply
+    finally:
+        slow.close()
+
+
+def test_vanishing_clients_do_not_wedge_the_batcher(server):
+    before = server.metric("ddpm_engine_batch_rows_sum")
+    busy = threading.Thread(target=lambda: httpx.post(server.base + URL + "/infer",  # occupies the engine ~1 s
+                                                      json=infer_json(BG, timesteps=60), timeout=60))
+    busy.start()
+    time.sleep(0.3)
+    gone = [raw_request(server.port, json.dumps(infer_json(BG, timesteps=7, seed=s)).encode()) for s in range(3)]
+    time.sleep(0.2)
+    for s in gone:  # queued behind the busy request, then disconnect
+        s.close()
+    busy.join(60)
+    r = httpx.post(server.base + URL + "/infer", json=infer_json(BG, timesteps=2, seed=9), timeout=30)
+    assert r.status_code == 200
+    deadline = time.monotonic() + 10
+    while server.metric('ddpm_engine_requests_total{code="499"}') < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.metric('ddpm_engine_requests_total{code="499"}') >= 3
+    assert server.metric("ddpm_engine_batch_rows_sum") - before == 2  # the vanished requests never ran
+
+
+def test_timeouts_and_clean_shutdown(engine):
+    running = Running(engine, max_queue=8, batch_window_ms=5, timeout_s=0.25)
+    try:
+        slow = json.dumps(infer_json(BG, timesteps=100)).encode()  # > 0.25 s of engine time
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            calls = [pool.submit(httpx.post, running.base + URL + "/infer", content=slow, timeout=30)
+                     for _ in range(2)]
+            time.sleep(0.2)
+            quick = [pool.submit(httpx.post, running.base + URL + "/infer",
+                                 json=infer_json(BG, timesteps=2, seed=s), timeout=30) for s in range(3)]
+            time.sleep(0.2)
+            stopper = pool.submit(running.stop)
+            time.sleep(0.1)
+            codes = [c.result().status_code for c in calls + quick]
+            stopper.result()
+        # every request answered: finished (200), timed out (504) or refused while shutting down (503); none hang
+        assert set(codes) <= {200, 503, 504} and 504 in codes, codes
+    finally:
+        if running.thread.is_alive():
+            running.stop()
+
+
+def test_readiness_drops_when_draining(engine):
+    running = Running(engine)
+    try:
+        running.service.begin_shutdown()
+        assert httpx.get(running.base + "/v2/health/ready").status_code == 503
+        r = httpx.post(running.base + URL + "/infer", json=infer_json(BG, timesteps=2))
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+    finally:
+        running.stop()
+
+
+def test_unmodified_tritonclient(server, engine):
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url=f"127.0.0.1:{server.port}")
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny")
+    assert client.get_model_metadata("tiny")["outputs"][0]["name"] == "sample"
+    bg, x_init, mask = tile(7, rows=2)
+    want = engine.sample(bg, mask=mask, x_init=x_init, timesteps=4, seed=5)
+    for binary in (True, False):
+        inputs = []
+        for name, array in (("background", bg), ("mask", mask), ("x_init", x_init)):
+            tensor = httpclient.InferInput(name, list(array.shape), "FP32")
+            tensor.set_data_from_numpy(array, binary_data=binary)
+            inputs.append(tensor)
+        outputs = [httpclient.InferRequestedOutput("sample", binary_data=binary)]
+        result = client.infer("tiny", inputs, outputs=outputs, parameters={"timesteps": 4, "seed": 5})
+        np.testing.assert_array_equal(result.as_numpy("sample"), want)
+    result = client.infer("tiny", inputs, parameters={"timesteps": 4, "seed": 5})  # default: binary output
+    np.testing.assert_array_equal(result.as_numpy("sample"), want)
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException, match="unknown sampler 'euler'"):
+        client.infer("tiny", inputs, parameters={"timesteps": 4, "sampler": "euler"})
+    client.close()
+
+
+def test_cli_serves_until_sigterm(tiny_engine_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "ddpm_engine.engine.cli", "serve", str(tiny_engine_dir),
+                             "--port", str(port), "--name", "sst", "--max-queue", "2", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = json.loads(proc.stdout.readline())
+        assert line["serving"] == "sst" and line["url"].endswith(f":{port}/v2/models/sst")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v2/models/sst/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+            time.sleep(0.1)
+        r = httpx.post(f"http://127.0.0.1:{port}/v2/models/sst/infer", json=infer_json(BG, timesteps=2), timeout=30)
+        assert r.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn drains, then re-raises the signal it caught, as servers conventionally do
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_refuses_a_missing_engine_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "ddpm_engine.engine.cli", "serve", str(tmp_path / "none")],
+                       capture_output=True, text=True, timeout=60, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "ddpm-engine serve: error:" in r.stderr

@@ -42,7 +42,7 @@ CHUNK_SIZE = 1024  # elements hw and hw + 512 of each aligned 1024-element chunk
 CHUNK = tl.constexpr(CHUNK_SIZE)
 HALF = tl.constexpr(CHUNK_SIZE // 2)
 
-# The kernels index a row with these literal offsets (jit code cannot read Python globals).
+# The kernels index a row with these literal offsets (jit code reads only constexpr globals).
 assert (COL_T, COL_CX, COL_CE, COL_CZ, COL_RX, COL_RZ, COL_BLEND, NUM_COLS) == (0, 1, 2, 3, 4, 5, 6, 7)
 
 

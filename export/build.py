@@ -159,7 +159,11 @@ def _stage_keys(desc: dict, profile: Profile, precision: str, io_precision: str,
                                      "verify": verify, "tolerance": tolerance}),
             "tensorrt": sha256_json({"graph": prec_key, "trt": libs["tensorrt"], "gpu": gpu, "settings": trt.as_dict(),
                                      "profile": profile.as_dict()})}
-    keys["cache_key"] = sha256_json({"keys": keys, "backend": backend})
+    # The whole-build key covers only what this backend's build uses: installing TensorRT does not invalidate
+    # an OpenVINO engine.
+    used = ["torch", "onnx"] + ([f"onnx_{precision}"] if precision != "fp32" and backend in ("onnxruntime", "tensorrt")
+                                else []) + ([backend] if backend != "torch" else [])
+    keys["cache_key"] = sha256_json({"keys": {k: keys[k] for k in used}, "backend": backend, "precision": precision})
     return keys
 
 
@@ -219,6 +223,9 @@ def build(
     backend = resolve_backend(backend, precision)
     if backend == "openvino" and precision == "fp16":
         raise ValueError("the openvino backend builds fp32 or bf16 on CPU; use --backend onnxruntime or tensorrt for fp16")
+    if io_precision != "fp32" and backend in ("openvino", "torch"):
+        raise ValueError(f"reduced-precision I/O is for the onnxruntime and tensorrt graphs; the {backend} backend "
+                         "keeps fp32 I/O (drop --io-precision)")
     batch, sizes = parse_batch(batch), parse_size(size)
     profile = Profile(batch, sizes, dynamic_hw)
     trt_settings = TensorRTSettings(builder_optimization_level, workspace_bytes, refit, hardware_compatibility)

@@ -71,6 +71,10 @@ def test_cache_key_covers_tensorrt_settings_gpu_and_version_but_keeps_the_onnx_k
         assert other["tensorrt"] != base["tensorrt"] and other["cache_key"] != base["cache_key"], change
         assert other["onnx"] == base["onnx"], change  # the exported fp32 graph is reused
     assert keys(profile=Profile((1, 4, 16), profile.sizes))["onnx"] != base["onnx"]  # verification cases change
+    # An OpenVINO engine's key ignores TensorRT: installing or upgrading it does not force a rebuild.
+    ov = keys(backend="openvino", precision="bf16")
+    assert keys(backend="openvino", precision="bf16", libs={**libs, "tensorrt": None})["cache_key"] == ov["cache_key"]
+    assert keys(backend="openvino", precision="bf16", libs={**libs, "openvino": "2026.5"})["cache_key"] != ov["cache_key"]
 
 
 def test_bf16_graph_for_tensorrt_keeps_resize_fp32(tmp_path):

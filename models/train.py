@@ -57,14 +57,19 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
 
 
-def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: bool = True) -> dict:
-    """Train (or resume) into out_dir; returns the summary also stored in config.json."""
+def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: bool = True,
+          model_overrides: dict | None = None) -> dict:
+    """Train (or resume) into out_dir; returns the summary also stored in config.json.
+
+    model_overrides changes the preset's model config (e.g. a tiny dim for tests); it is stored with the run.
+    """
     if cfg.preset not in PRESETS:
         raise ValueError(f"unknown preset {cfg.preset!r}; must be one of {sorted(PRESETS)}")
     if cfg.size < 8 or not 8 <= cfg.crop <= cfg.size or cfg.batch < 1 or cfg.max_steps < 1 or cfg.max_minutes <= 0:
         raise ValueError("need 8 <= crop <= size, batch >= 1, max_steps >= 1 and max_minutes > 0")
     out_dir = Path(out_dir)
-    preset = PRESETS[cfg.preset]
+    preset = {**PRESETS[cfg.preset]}
+    preset["model"] = {**preset["model"], **(model_overrides or {})}
     torch.manual_seed(cfg.seed)
     model = build_model(preset["arch"], **preset["model"])
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -74,7 +79,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
         state = torch.load(out_dir / STATE, map_location="cpu", weights_only=False)
         # Stopping and saving knobs may change between resumes; the recipe itself may not.
         free = ("max_steps", "max_minutes", "save_every")
-        if state["train"] != asdict(cfg) | {k: state["train"][k] for k in free}:
+        if (state["train"] != asdict(cfg) | {k: state["train"][k] for k in free}
+                or state.get("model_config", preset["model"]) != preset["model"]):
             raise ValueError(f"{out_dir} holds a run with a different recipe; use another --out or --no-resume")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -88,7 +94,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
                    "train_seconds": round(elapsed, 1),
                    "loss_last_100": float(np.mean(losses[-100:])) if losses else None}
         save_torch({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "elapsed": elapsed, "losses": losses, "train": asdict(cfg)}, out_dir / STATE)
+                    "elapsed": elapsed, "losses": losses, "train": asdict(cfg),
+                    "model_config": preset["model"]}, out_dir / STATE)
         save_checkpoint(out_dir, model.state_dict(), summary, ema_state=ema.state_dict())
         return summary
 

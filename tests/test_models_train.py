@@ -12,23 +12,36 @@ from ddpm_engine.models.checkpoint import read_checkpoint, save_checkpoint
 from ddpm_engine.models.data import training_batch
 from ddpm_engine.models.train import TrainConfig, diffusion_loss, ema_update, train
 
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    # Small tensors: a second intra-op thread only adds sync cost, and on a loaded 2-core box every op waits for it.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 TINY = dict(size=16, crop=12, batch=2, warmup=2, save_every=2)
+SMALL_NET = dict(dim=4, embed_dim=16, heads=2, dim_head=8)  # the recipe is what is tested, not the preset's size
 
 
 def test_a_few_steps_write_a_loadable_checkpoint_and_resume(tmp_path):
     out = tmp_path / "run"
-    s = train(TrainConfig(max_steps=3, **TINY), out, progress=False)
+    s = train(TrainConfig(max_steps=3, **TINY), out, progress=False, model_overrides=SMALL_NET)
     assert s["step"] == 3 and np.isfinite(s["loss_last_100"])
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["arch"] == "care-sst" and cfg["train"]["batch"] == 2 and cfg["step"] == 3
     assert not list(out.glob("*.tmp"))  # atomic writes leave no temp files behind
     model = load_model(out)
-    assert not model.training and model.c_in == 2 and model.c_out == 1
+    assert not model.training and model.c_in == 2 and model.c_out == 1 and model.dim == 4
 
-    s = train(TrainConfig(max_steps=5, **TINY), out, progress=False)
+    s = train(TrainConfig(max_steps=5, **TINY), out, progress=False, model_overrides=SMALL_NET)
     assert s["step"] == 5  # continued from step 3, not restarted
     with pytest.raises(ValueError, match="different recipe"):
-        train(TrainConfig(max_steps=6, **{**TINY, "lr": 0.5}), out, progress=False)
+        train(TrainConfig(max_steps=6, **{**TINY, "lr": 0.5}), out, progress=False, model_overrides=SMALL_NET)
+    with pytest.raises(ValueError, match="different recipe"):
+        train(TrainConfig(max_steps=6, **TINY), out, progress=False, model_overrides={**SMALL_NET, "dim": 8})
 
 
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
@@ -55,8 +68,8 @@ def test_loss_is_mse_on_the_noise_and_ema_moves_toward_the_weights():
 
 
 def test_cli_train_runs_and_reports(tmp_path, capsys):
-    rc = main(["train", "--out", str(tmp_path / "cli"), "--max-steps", "2", "--size", "16", "--crop", "16", "--batch", "1", "--quiet"])
-    assert rc == 0 and "2 steps" in capsys.readouterr().out
+    rc = main(["train", "--out", str(tmp_path / "cli"), "--max-steps", "1", "--size", "16", "--crop", "16", "--batch", "1", "--quiet"])
+    assert rc == 0 and "1 steps" in capsys.readouterr().out
     assert (tmp_path / "cli" / "model.safetensors").is_file()
 
 

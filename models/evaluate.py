@@ -100,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=1, help="samples per tile; > 1 scores their mean (default 1)")
     p.add_argument("--seed", type=int, default=0, help="sampling noise seed (default %(default)s)")
     p.add_argument("--figure", help="write observed | background | reconstruction | truth to this PNG")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         r = evaluate(load_model(args.model), args.tiles, args.size, args.timesteps, args.sampler, args.samples,
                      args.seed)

@@ -121,7 +121,14 @@ def _check_library(directory: Path, backend: str, entry: dict) -> None:
                                   f"{trt.__version__} (plans are tied to one version); rebuild it with "
                                   f"{_rebuild_hint(directory, 'tensorrt')}")
         gpu, want = gpu_info(), entry.get("gpu") or {}
-        if (gpu["name"], gpu["compute_capability"]) != (want.get("name"), want.get("compute_capability")):
+        compat = (entry.get("settings") or {}).get("hardware_compatibility")
+        if compat == "AMPERE_PLUS":  # built to run on any Ampere or newer GPU
+            ok = _cc(gpu["compute_capability"]) >= (8, 0)
+        elif compat == "SAME_COMPUTE_CAPABILITY":  # any GPU of the same compute capability
+            ok = gpu["compute_capability"] == want.get("compute_capability")
+        else:
+            ok = (gpu["name"], gpu["compute_capability"]) == (want.get("name"), want.get("compute_capability"))
+        if not ok:
             raise EngineFileError(f"{directory}: the TensorRT plan was built for {want.get('name')} (compute "
                                   f"capability {want.get('compute_capability')}), this machine has {gpu['name']} "
                                   f"({gpu['compute_capability']}); rebuild it on this GPU with "
@@ -149,6 +156,13 @@ def _check_library(directory: Path, backend: str, entry: dict) -> None:
             raise EngineFileError(f"{directory}: the ONNX graph was verified with ONNX Runtime {built}, this machine "
                                   f"has the older {have['onnxruntime']}; upgrade onnxruntime or rebuild with "
                                   f"{_rebuild_hint(directory, 'onnxruntime')}")
+
+
+def _cc(capability: str | None) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in str(capability).split("."))
+    except ValueError:
+        return ()
 
 
 def _vtuple(v: str | None) -> tuple[int, ...]:

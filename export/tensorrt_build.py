@@ -40,6 +40,9 @@ class TensorRTSettings:
             raise ValueError(f"refit must be None, 'identical' or 'refit', got {self.refit!r}")
         if self.workspace_bytes < 0:
             raise ValueError("workspace_bytes must be >= 0")
+        if self.hardware_compatibility not in (None, "AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY"):
+            raise ValueError("hardware_compatibility must be None, 'AMPERE_PLUS' or 'SAME_COMPUTE_CAPABILITY', got "
+                             f"{self.hardware_compatibility!r}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -47,15 +50,17 @@ class TensorRTSettings:
 
 def tensorrt_status() -> tuple[bool, str]:
     """(available, reason): TensorRT importable and a CUDA GPU present. Never raises."""
+    import torch
+
+    gpu = torch.cuda.is_available()
     try:
         importlib.import_module("tensorrt")
     except ImportError as exc:
-        return False, f"TensorRT is not installed ({exc}); {INSTALL}"
+        where = "" if gpu else " (and it needs an NVIDIA GPU: none is visible here)"
+        return False, f"TensorRT is not installed ({exc}){where}; {INSTALL}"
     except Exception as exc:  # noqa: BLE001 - a broken install (missing libnvinfer) raises OSError etc.
         return False, f"TensorRT failed to import ({type(exc).__name__}: {exc}); reinstall with {INSTALL}"
-    import torch
-
-    if not torch.cuda.is_available():
+    if not gpu:
         return False, "TensorRT needs an NVIDIA GPU with CUDA, and torch sees none on this machine"
     return True, "ok"
 

@@ -169,6 +169,16 @@ def test_tensorrt_plan_for_another_gpu_is_refused(engine, monkeypatch):
     check_engine_dir(engine, "tensorrt")
 
 
+def test_hardware_compatible_plan_runs_on_other_gpus_of_its_class(engine, monkeypatch):
+    _add_tensorrt_entry(engine, "11.4.0", A100)
+    _edit(engine, lambda m: m["artefacts"]["tensorrt"].update(settings={"hardware_compatibility": "AMPERE_PLUS"}))
+    _fake_tensorrt(monkeypatch, "11.4.0", H100)
+    check_engine_dir(engine, "tensorrt")
+    _fake_tensorrt(monkeypatch, "11.4.0", {"name": "Tesla V100", "compute_capability": "7.0", "cuda": "12.0"})
+    with pytest.raises(EngineFileError, match="built for NVIDIA A100"):
+        check_engine_dir(engine, "tensorrt")
+
+
 def test_tensorrt_plan_from_another_tensorrt_version_is_refused(engine, monkeypatch):
     _add_tensorrt_entry(engine, "11.3.0", H100)
     _fake_tensorrt(monkeypatch, "11.4.0", H100)

@@ -1,0 +1,110 @@
+"""Ray Serve deployment, one CPU replica on 127.0.0.1 (no dashboard, no usage stats): exact results under
+concurrency with Ray's own batching, the protocol through tritonclient, refusals and the bounded queue."""
+import concurrent.futures
+import json
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray.serve", reason="needs Ray Serve: pip install 'ddpm-engine[ray]'")
+httpx = pytest.importorskip("httpx")
+
+from ddpm_engine.engine import load  # noqa: E402
+
+pytestmark = pytest.mark.slow
+H = W = 8
+
+
+@pytest.fixture(scope="module")
+def ray_server(tiny_engine_dir):
+    from ddpm_engine.engine import serve_ray
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve_ray.start(tiny_engine_dir, port=port, name="tiny", max_queue=4, batch_window_ms=50, num_cpus=2)
+    try:
+        yield f"http://127.0.0.1:{port}", port
+    finally:
+        serve_ray.stop()
+
+
+def tile(seed, rows=1):
+    g = np.random.default_rng(seed)
+    return (g.uniform(-1, 1, (rows, 1, H, W)).astype(np.float32), g.uniform(-1, 1, (rows, 1, H, W)).astype(np.float32),
+            (g.uniform(size=(1, 1, H, W)) > 0.5).astype(np.float32))
+
+
+def body(bg, mask=None, x_init=None, **params):
+    arrays = [("background", bg)] + ([("mask", mask), ("x_init", x_init)] if mask is not None else [])
+    head = json.dumps({"inputs": [{"name": n, "shape": list(a.shape), "datatype": "FP32",
+                                   "parameters": {"binary_data_size": a.nbytes}} for n, a in arrays],
+                       "parameters": params | {"binary_data_output": True}}).encode()
+    return head + b"".join(a.tobytes() for _, a in arrays), {"Inference-Header-Content-Length": str(len(head))}
+
+
+def output(r):
+    n = int(r.headers["inference-header-content-length"])
+    out = json.loads(r.content[:n])["outputs"][0]
+    return np.frombuffer(r.content[n:], dtype="<f4").reshape(out["shape"])
+
+
+def test_ray_serve_batches_and_every_result_is_exact(ray_server, tiny_engine_dir):
+    base, port = ray_server
+    engine = load(tiny_engine_dir, backend="onnxruntime")
+    assert httpx.get(base + "/v2/health/ready").json() == {"ready": True}
+    assert httpx.get(base + "/v2/models/tiny").json()["outputs"][0]["name"] == "sample"
+    n = 8
+    reqs = []
+    for k in range(n):
+        bg, x_init, mask = tile(k, rows=1 + (k == 3))
+        masked = k % 2 == 0
+        reqs.append((bg, mask if masked else None, x_init if masked else None, 50 + k))
+    barrier = threading.Barrier(n)
+
+    def call(k):
+        bg, mask, x_init, seed = reqs[k]
+        content, headers = body(bg, mask, x_init, timesteps=6, seed=seed)
+        barrier.wait()
+        return httpx.post(base + "/v2/models/tiny/infer", content=content, headers=headers, timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        answers = list(pool.map(call, range(n)))
+    for (bg, mask, x_init, seed), r in zip(reqs, answers):
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(output(r), engine.sample(bg, mask=mask, x_init=x_init, timesteps=6, seed=seed))
+    r = httpx.post(base + "/v2/models/tiny/infer", json={"inputs": [], "parameters": {}}, timeout=60)
+    assert r.status_code == 400 and "non-empty 'inputs' list" in r.json()["error"]
+    r = httpx.get(base + "/v2/models/other", timeout=60)
+    assert r.status_code == 404 and "unknown model 'other'" in r.json()["error"]
+
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url=f"127.0.0.1:{port}", network_timeout=120)
+    bg, x_init, mask = tile(99, rows=2)
+    inputs = []
+    for name, array in (("background", bg), ("mask", mask), ("x_init", x_init)):
+        tensor = httpclient.InferInput(name, list(array.shape), "FP32")
+        tensor.set_data_from_numpy(array, binary_data=True)
+        inputs.append(tensor)
+    result = client.infer("tiny", inputs, parameters={"timesteps": 4, "seed": 8})
+    np.testing.assert_array_equal(result.as_numpy("sample"),
+                                  engine.sample(bg, mask=mask, x_init=x_init, timesteps=4, seed=8))
+    client.close()
+
+
+def test_ray_queue_is_bounded(ray_server):
+    base, _ = ray_server
+    n = 24  # 8 ongoing + 4 queued fit; the rest are refused by Ray's proxy
+    content, headers = body(tile(0)[0], timesteps=40)
+    barrier = threading.Barrier(n)
+
+    def call(_):
+        barrier.wait()
+        return httpx.post(base + "/v2/models/tiny/infer", content=content, headers=headers, timeout=120).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        codes = list(pool.map(call, range(n)))
+    assert set(codes) <= {200, 503} and 503 in codes and 200 in codes, codes

@@ -404,6 +404,20 @@ def _tensorrt_stage(stage: Path, old_dir: Path | None, model, graph: str, profil
     return entry
 
 
+def _verify_derived(directory: Path, tmp: Path, entry: dict, profile: Profile, precision: str, backend: str) -> dict:
+    """One quick check of a first-use artefact against the kept PyTorch model: min batch, an odd size."""
+    from .model_source import load_torch_model
+
+    model = load_torch_model(directory)
+    case = default_cases(profile.batch, profile.sizes, profile.dynamic_hw)[-1:]
+    if backend == "tensorrt":
+        from .tensorrt_build import verify_plan
+
+        return verify_plan(tmp / entry["path"], model, case, precision=precision)
+    return verify_onnx(tmp / entry["path"], model, case, precision=precision, runtime="openvino",
+                       openvino_hint=entry["inference_precision_hint"]).as_dict()
+
+
 def make_backend_artefact(directory: Path, manifest: dict, backend: str) -> dict:
     """Derive one backend's artefact inside an existing engine directory (first-use path of ensure_artefact).
 
@@ -446,6 +460,8 @@ def make_backend_artefact(directory: Path, manifest: dict, backend: str) -> dict
             entry["precision"] = precision
         else:
             raise EngineFileError(f"cannot derive a {backend} artefact")
+        if manifest["build"].get("verify", True):
+            entry["verification"] = _verify_derived(directory, tmp, entry, profile, precision, backend)
         # Move the new files into place (no file of the engine is overwritten: these paths were absent).
         for rel in sorted({Path(f).parts[0] for f in entry["files"]} | {Path(entry.get("timing_cache", entry["path"])).parts[0]}):
             src_p, dst_p = tmp / rel, directory / rel

@@ -156,9 +156,9 @@ def serve_ray(directory, host: str = "127.0.0.1", port: int = 8000, **kwargs) ->
     except ImportError:
         raise ValueError("--ray needs Ray Serve: pip install 'ddpm-engine[ray]'") from None
     stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     try:
         start(directory, host=host, port=port, **kwargs)
+        signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))  # after ray.init, which sets its own
         print(json.dumps({"serving": kwargs.get("name"), "url": f"http://{host}:{port}/v2/models/{kwargs.get('name')}",
                           "ray": True, "replicas": kwargs.get("replicas", 1)}), flush=True)
         while not stopping:

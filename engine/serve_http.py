@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -37,7 +38,7 @@ class Service:
                  read_timeout_s: float = 10.0, max_timesteps: int = 1000, drain_timeout_s: float = 30.0):
         self.engine, self.name, self.timeout_s = engine, name, timeout_s
         self.max_body_bytes, self.read_timeout_s, self.max_timesteps = max_body_bytes, read_timeout_s, max_timesteps
-        self.drain_timeout_s, self.draining = drain_timeout_s, False
+        self.drain_timeout_s, self.draining, self._closer = drain_timeout_s, False, None
         self.registry = r = CollectorRegistry()
         self.requests = Counter("ddpm_engine_requests", "Infer requests by HTTP status", ["code"], registry=r)
         self.latency = Histogram("ddpm_engine_request_seconds", "Infer latency (body read to response)",
@@ -69,13 +70,17 @@ class Service:
     @contextlib.asynccontextmanager
     async def _lifespan(self, app):
         yield
-        self.draining = True
-        # uvicorn has already waited for the open requests; whatever is still queued is finished or rejected here.
-        await asyncio.to_thread(self.batcher.close, self.drain_timeout_s)
+        self.begin_shutdown()
+        await asyncio.to_thread(self._closer.join)
 
     def begin_shutdown(self) -> None:
-        """Stop taking work (readiness 503, new infers 503); queued requests still run."""
+        """Stop taking work (readiness and new infers: 503); queued requests run for up to drain_timeout_s,
+        then whatever is still queued is answered 503. Call on SIGTERM, before the server stops."""
         self.draining = True
+        if self._closer is None:
+            self._closer = threading.Thread(target=self.batcher.close, args=(self.drain_timeout_s,),
+                                            name="ddpm-engine-drain", daemon=True)
+            self._closer.start()
 
     async def _http_error(self, request: Request, exc: HTTPException) -> Response:
         return error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
@@ -148,9 +153,10 @@ class Service:
             done, _ = await asyncio.wait({result, watch}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             watch.cancel()
+            if not result.done():
+                result.cancel()  # timed out, client gone or server cancelling: a job not started is dropped
         if result in done:
             return result.result()
-        result.cancel()  # a job not started yet is dropped by the batcher
         if watch in done:
             return None
         raise RequestTimeout(f"no result within the {self.timeout_s:g} s timeout")
@@ -226,7 +232,7 @@ def serve(directory, host: str = "127.0.0.1", port: int = 8000, name: str | None
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(service.app, host=host, port=port, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=int(service.timeout_s) + 1,
+                            timeout_graceful_shutdown=int(max(service.timeout_s, service.drain_timeout_s)) + 5,
                             limit_concurrency=max(64, 4 * service.batcher.max_queue))
     print(json.dumps({"serving": service.name, "url": f"http://{host}:{port}/v2/models/{service.name}",
                       "backend": engine.backend, "max_batch": service.batcher.max_batch}), flush=True)

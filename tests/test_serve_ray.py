@@ -98,7 +98,7 @@ def test_ray_serve_batches_and_every_result_is_exact(ray_server, tiny_engine_dir
 def test_ray_queue_is_bounded(ray_server):
     base, _ = ray_server
     n = 24  # 8 ongoing + 4 queued fit; the rest are refused by Ray's proxy
-    content, headers = body(tile(0)[0], timesteps=40)
+    content, headers = body(tile(0)[0], timesteps=100)
     barrier = threading.Barrier(n)
 
     def call(_):

@@ -145,12 +145,13 @@ def artefact_entry(directory: Path, backend: str, entry: dict) -> dict:
 
 def _stage_keys(desc: dict, profile: Profile, precision: str, io_precision: str, backend: str, opset: int,
                 dynamic_hw: bool, external_data_threshold: int, trt: TensorRTSettings, verify: bool,
-                tolerance: float | None, libs: dict, gpu: dict) -> dict[str, str]:
+                tolerance: float | None, libs: dict, gpu: dict, simplify: bool = False) -> dict[str, str]:
     model_key = {"arch": desc["arch"], "config": desc["config"], "weights": desc["weights_sha256"]}
     base = {"builder": BUILDER_VERSION, "format": FORMAT_VERSION, "model": model_key}
     onnx_key = sha256_json({**base, "opset": opset, "dynamic_hw": dynamic_hw, "profile": profile.as_dict(),
                             "external": external_data_threshold, "torch": libs["torch"], "onnx": libs["onnx"],
-                            "verify": verify, "ort": libs["onnxruntime"]})
+                            "verify": verify, "ort": libs["onnxruntime"],
+                            **({"simplify": _onnxslim_version()} if simplify else {})})
     prec_key = sha256_json({"onnx": onnx_key, "precision": precision, "io": io_precision, "verify": verify,
                             "tolerance": tolerance, "ort": libs["onnxruntime"], "ov": libs["openvino"]})
     keys = {"torch": sha256_json(base), "onnx": onnx_key, f"onnx_{precision}": prec_key,
@@ -165,6 +166,12 @@ def _stage_keys(desc: dict, profile: Profile, precision: str, io_precision: str,
                                 else []) + ([backend] if backend != "torch" else [])
     keys["cache_key"] = sha256_json({"keys": {k: keys[k] for k in used}, "backend": backend, "precision": precision})
     return keys
+
+
+def _onnxslim_version() -> str | None:
+    from .manifest import _version
+
+    return _version("onnxslim")
 
 
 def _io_section(desc: dict, precision: str, io_precision: str, dynamic_hw: bool) -> dict:
@@ -203,6 +210,7 @@ def build(
     hardware_compatibility: str | None = None,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     force: bool = False,
+    simplify: bool = False,
     progress: Progress | None = None,
 ) -> BuildResult:
     """Build an engine directory for one backend and precision; reuse everything a previous identical build made.
@@ -211,6 +219,7 @@ def build(
     preset name, a checkpoint directory, a CARE-SST .pth, or an engine directory (rebuild from its kept weights).
     batch: (min, opt, max) or "MIN:OPT:MAX"; size: (h, w), ((h, w) min, opt, max) or "HxW[:HxW:HxW]".
     io_precision: "fp32" keeps fp32 I/O for reduced-precision graphs; "fp16"/"bf16" (= precision) reduces it.
+    simplify: run onnxslim on the exported graph, kept only if it removes nodes and ONNX Runtime is not slower.
     The directory is written atomically; a failed or killed build leaves the previous engine (or nothing).
     """
     if precision not in PRECISIONS:
@@ -236,7 +245,7 @@ def build(
     libs, gpu = library_versions(), gpu_info()
     desc = stages.run("hash weights", describe_model, model, source)
     keys = _stage_keys(desc, profile, precision, io_precision, backend, opset, dynamic_hw, external_data_threshold,
-                       trt_settings, verify, tolerance, libs, gpu)
+                       trt_settings, verify, tolerance, libs, gpu, simplify)
 
     old = None
     if out_dir.is_dir() and (out_dir / "engine.json").is_file():
@@ -274,9 +283,17 @@ def build(
                 return hit
             info = export_onnx(model, stage / ONNX_NAME, opt_size=profile.opt_size, opset=opset,
                                dynamic_hw=dynamic_hw, external_data_threshold=external_data_threshold)
+            if simplify:
+                from .simplify import simplify_onnx
+
+                info.simplified = simplify_onnx(
+                    stage / ONNX_NAME, desc["c_in"], profile.opt_size,
+                    lambda proto, path: save_onnx(proto, path, external_data_threshold))
+                info.files = [p for p in (stage / ONNX_NAME, stage / f"{ONNX_NAME}.data") if p.exists()]
             entry = {"path": ONNX_NAME, "files": [p.name for p in info.files], "precision": "fp32",
                      "opset": info.opset, "dynamic_hw": info.dynamic_hw, "external_data": info.external_data,
-                     "note": info.note, "exporter": "torch.onnx (TorchScript, dynamo=False)"}
+                     "note": info.note, "exporter": "torch.onnx (TorchScript, dynamo=False)",
+                     "simplified": getattr(info, "simplified", None)}
             if verify:
                 prof = profile if info.dynamic_hw else profile.static_at(profile.opt_size)
                 cases = default_cases(prof.batch, prof.sizes, info.dynamic_hw)
@@ -363,7 +380,7 @@ def build(
             "gpu": gpu,
             "build": {"backend_requested": backend, "opset": opset, "dynamic_hw_requested": dynamic_hw,
                       "verify": verify, "tolerance": tolerance if tolerance is not None else TOLERANCES[precision],
-                      "io_precision": io_precision, "tensorrt": trt_settings.as_dict(),
+                      "io_precision": io_precision, "tensorrt": trt_settings.as_dict(), "simplify": simplify,
                       "external_data_threshold": external_data_threshold, "builder_version": BUILDER_VERSION,
                       "machine": platform.machine(), "stages": stages.done},
             "cache_key": keys["cache_key"],

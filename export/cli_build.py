@@ -42,6 +42,9 @@ def register(subparsers) -> None:
                    help="refittable TensorRT engine: refit (REFIT: load new weights of the same architecture "
                    "without a rebuild) or identical (REFIT_IDENTICAL: refit only with the build's own weights, e.g. "
                    "into a weight-stripped plan; keeps every optimisation)")
+    p.add_argument("--simplify", action="store_true",
+                   help="simplify the ONNX graph with onnxslim; kept only if it removes nodes and ONNX Runtime is not "
+                   "slower on it (the numbers go into engine.json)")
     p.add_argument("--force", action="store_true", help="rebuild everything, ignoring the cache")
     p.set_defaults(func=run)
 
@@ -97,7 +100,7 @@ def run(args) -> int:
                    opset=args.opset, dynamic_hw=not args.static_hw, verify=not args.no_verify,
                    tolerance=args.tolerance, builder_optimization_level=args.opt_level,
                    workspace_bytes=int(args.workspace * (1 << 30)), refit=args.refit, force=args.force,
-                   progress=progress)
+                   simplify=args.simplify, progress=progress)
     m = result.manifest
     print(f"{'cache hit' if result.cached else 'built'}: {result.directory} backend={m['backend']} "
           f"precision={m['precision']} in {time.perf_counter() - t0:.2f} s", flush=True)

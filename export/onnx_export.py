@@ -42,6 +42,7 @@ class ExportInfo:
     dynamic_hw: bool
     external_data: bool
     note: str = ""
+    simplified: dict | None = None  # what export/simplify.py measured, when it ran
 
 
 @dataclass

@@ -72,3 +72,22 @@ def test_large_model_gets_external_data_file(tiny, tmp_path):
     proto = onnx.load(str(tmp_path / "big.onnx"), load_external_data=False)
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
     verify_onnx(info.path, tiny, [(2, 19, 17)])
+
+
+def test_optional_simplification_is_kept_only_when_it_helps(tiny, tmp_path, monkeypatch):
+    pytest.importorskip("onnxslim")
+    import ddpm_engine.export.simplify as simplify_mod
+    from ddpm_engine.export import build
+
+    # Latency is noisy on a shared machine: pin it to test both decisions.
+    monkeypatch.setattr(simplify_mod, "_median_latency", lambda *a, **k: 0.01)
+    kw = dict(backend="onnxruntime", precision="fp16", batch=(1, 1, 2), size=((16, 16), (24, 24), (40, 40)))
+    result = build(tiny, tmp_path / "e", simplify=True, **kw)
+    info = result.manifest["artefacts"]["onnx"]["simplified"]
+    assert info["kept"] and info["nodes_after"] < info["nodes_before"]
+    assert len(onnx.load(str(tmp_path / "e" / "model.onnx")).graph.node) == info["nodes_after"]
+    assert result.manifest["artefacts"]["onnx_fp16"]["verification"]["max_abs_err"] < TOLERANCES["fp16"]
+    calls = iter([0.01, 0.02])  # simplified graph twice as slow: the original stays
+    monkeypatch.setattr(simplify_mod, "_median_latency", lambda *a, **k: next(calls))
+    slower = build(tiny, tmp_path / "f", simplify=True, **kw).manifest["artefacts"]["onnx"]["simplified"]
+    assert not slower["kept"] and len(onnx.load(str(tmp_path / "f" / "model.onnx")).graph.node) == slower["nodes_before"]

@@ -57,6 +57,10 @@ def format_manifest(m: dict, directory=None) -> str:
             w = v["worst"]
             lines.append(f"  {'':<12} verified ({v['runtime']}): max abs error {v['max_abs_err']:.3g}, worst at batch "
                          f"{w['batch']} {w['height']}x{w['width']}, tolerance {v['tolerance']:g}")
+        simp = e.get("simplified")
+        if simp:
+            lines.append(f"  {'':<12} onnxslim: {simp['nodes_before']} -> {simp['nodes_after']} nodes, ONNX Runtime "
+                         f"{simp['ort_ms_before']} -> {simp['ort_ms_after']} ms: {'kept' if simp['kept'] else 'not kept'}")
         if e.get("note"):
             lines.append(f"  {'':<12} note: {e['note']}")
     libs = ", ".join(f"{k} {v}" for k, v in m["libraries"].items() if v)

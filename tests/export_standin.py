@@ -1,7 +1,26 @@
 """Small noise-prediction nets for the export tests (not collected: no test_ prefix)."""
+import contextlib
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@contextlib.contextmanager
+def single_thread():
+    """One torch thread and one verification thread (2 shared cores: oversubscription stalls), restored after."""
+    threads, old = torch.get_num_threads(), os.environ.get("DDPM_ENGINE_VERIFY_THREADS")
+    torch.set_num_threads(1)
+    os.environ["DDPM_ENGINE_VERIFY_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if old is None:
+            os.environ.pop("DDPM_ENGINE_VERIFY_THREADS", None)
+        else:
+            os.environ["DDPM_ENGINE_VERIFY_THREADS"] = old
 
 
 class LayerNorm2d(nn.Module):

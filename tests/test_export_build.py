@@ -1,5 +1,4 @@
 """build(): engines for onnxruntime and openvino (fp32, bf16) checked against PyTorch, cache hits, atomicity."""
-import os
 import shutil
 
 import pytest
@@ -7,19 +6,16 @@ import torch
 
 from ddpm_engine.export import TOLERANCES, artefact_path, build, check_engine_dir, ensure_artefact, read_manifest
 from ddpm_engine.export.model_source import load_torch_model
-from export_standin import TinyUNet
+from export_standin import TinyUNet, single_thread
 
 BATCH, SIZE = (1, 1, 3), ((16, 16), (24, 24), (40, 40))
 COMBOS = [("onnxruntime", "fp32"), ("openvino", "fp32"), ("onnxruntime", "bf16"), ("openvino", "bf16")]
 
 
 @pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("DDPM_ENGINE_VERIFY_THREADS", "1")
-    yield
-    torch.set_num_threads(threads)
+def one_thread():
+    with single_thread():
+        yield
 
 
 def _care_sst_small():
@@ -36,12 +32,11 @@ def _tiny():
 
 def _build_all(model, directory):
     """The four CPU engines into one directory in turn: later builds reuse the exported ONNX file."""
-    os.environ["DDPM_ENGINE_VERIFY_THREADS"] = "1"
-    torch.set_num_threads(1)
     results = {}
-    for backend, precision in COMBOS:
-        results[backend, precision] = build(model, directory, backend=backend, precision=precision,
-                                            batch=BATCH, size=SIZE)
+    with single_thread():
+        for backend, precision in COMBOS:
+            results[backend, precision] = build(model, directory, backend=backend, precision=precision,
+                                                batch=BATCH, size=SIZE)
     return results
 
 

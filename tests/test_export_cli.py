@@ -8,15 +8,13 @@ import torch
 
 from ddpm_engine.engine.cli import main
 from ddpm_engine.export import read_manifest
+from export_standin import single_thread
 
 
 @pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("DDPM_ENGINE_VERIFY_THREADS", "1")
-    yield
-    torch.set_num_threads(threads)
+def one_thread():
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +32,9 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def built(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "eng"
-    torch.set_num_threads(1)
-    code = main(["build", str(checkpoint), "-o", str(out), "--backend", "onnxruntime", "--batch", "1:1:2",
-                 "--size", "16x16:24x24:40x40"])
+    with single_thread():
+        code = main(["build", str(checkpoint), "-o", str(out), "--backend", "onnxruntime", "--batch", "1:1:2",
+                     "--size", "16x16:24x24:40x40"])
     assert code == 0
     return out
 

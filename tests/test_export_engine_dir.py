@@ -9,19 +9,17 @@ import torch
 from ddpm_engine.engine.errors import BackendUnavailableError, EngineFileError
 from ddpm_engine.export import build, check_engine_dir, read_manifest
 from ddpm_engine.export.manifest import write_manifest
-from export_standin import TinyUNet
+from export_standin import TinyUNet, single_thread
 
 BATCH, SIZE = (1, 1, 2), ((16, 16), (16, 16), (24, 24))
 
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("pristine") / "engine"
-    build(TinyUNet().eval(), directory, backend="openvino", batch=BATCH, size=SIZE, verify=False)
-    torch.set_num_threads(threads)
+    with single_thread():
+        build(TinyUNet().eval(), directory, backend="openvino", batch=BATCH, size=SIZE, verify=False)
     return directory
 
 

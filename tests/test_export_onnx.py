@@ -4,17 +4,13 @@ import pytest
 import torch
 
 from ddpm_engine.export import TOLERANCES, VerificationError, export_onnx, verify_onnx
-from export_standin import FixedSizeNet, TinyUNet
+from export_standin import FixedSizeNet, TinyUNet, single_thread
 
 
 @pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    # 2 shared cores: one thread per library avoids oversubscription stalls.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("DDPM_ENGINE_VERIFY_THREADS", "1")
-    yield
-    torch.set_num_threads(threads)
+def one_thread():
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +21,9 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def tiny_onnx(tiny, tmp_path_factory):
-    torch.set_num_threads(1)
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    return export_onnx(tiny, path, opt_size=(24, 24))
+    with single_thread():
+        return export_onnx(tiny, path, opt_size=(24, 24))
 
 
 def test_export_names_and_dynamic_axes(tiny_onnx):

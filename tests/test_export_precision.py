@@ -6,18 +6,15 @@ from onnx import TensorProto
 
 from ddpm_engine.export import TOLERANCES, VerificationError, convert_precision, export_onnx, verify_onnx
 from ddpm_engine.export.precision import precision_summary
-from export_standin import LoudNet, SumSquaresNet, TinyUNet
+from export_standin import LoudNet, SumSquaresNet, TinyUNet, single_thread
 
 CASES = [(1, 24, 24), (3, 37, 29), (2, 40, 40)]
 
 
 @pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("DDPM_ENGINE_VERIFY_THREADS", "1")
-    yield
-    torch.set_num_threads(threads)
+def one_thread():
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +25,9 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def fp32_graph(tiny, tmp_path_factory):
-    torch.set_num_threads(1)
     path = tmp_path_factory.mktemp("prec") / "model.onnx"
-    export_onnx(tiny, path, opt_size=(24, 24))
+    with single_thread():
+        export_onnx(tiny, path, opt_size=(24, 24))
     return path
 
 

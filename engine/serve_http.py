@@ -205,7 +205,8 @@ class Service:
             return error(500, f"sampling failed: {type(exc).__name__}: {exc}")
         if result is None:
             return Response(status_code=499)  # the client is gone; nothing will read this
-        body, headers = oip.infer_response(result, self.name, options, job.seed)
+        reply = lambda: oip.infer_response(result, self.name, options, job.seed)  # noqa: E731
+        body, headers = reply() if result.size < 1 << 16 else await asyncio.to_thread(reply)  # big JSON: off the loop
         return Response(body, headers=headers)
 
 

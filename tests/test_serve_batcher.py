@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ddpm_engine.engine import load
-from ddpm_engine.engine.batcher import Batcher, Job, QueueFull, ShuttingDown, split_groups
+from ddpm_engine.engine.batcher import Batcher, Job, QueueFull, ShuttingDown, run_group, split_groups
 
 H = W = 8
 
@@ -117,3 +117,32 @@ def test_full_queue_refuses_and_close_finishes_or_rejects(engine):
         queued[1].result(timeout=1)
     with pytest.raises(ShuttingDown, match="shut down before this request ran"):
         queued[0].result(timeout=1)
+
+
+def test_without_host_noise_a_group_runs_one_call_per_request(engine):
+    calls = []
+
+    class TritonStep:  # the CUDA path keys noise in-kernel: segments are not available there
+        runner = type("R", (), {"step_impl": "triton"})()
+        max_batch, c_out = engine.max_batch, engine.c_out
+
+        def sample(self, background, **kwargs):
+            calls.append((background.shape[0], kwargs.get("segments"), kwargs.get("seed")))
+            return engine.sample(background, **kwargs)
+
+    jobs = [Job(arrays(1 + k, k)[0], timesteps=3, seed=20 + k) for k in range(2)]
+    results = run_group(TritonStep(), jobs)
+    assert calls == [(1, None, 20), (2, None, 21)]
+    for job, got in zip(jobs, results):
+        np.testing.assert_array_equal(got, engine.sample(job.background, timesteps=3, seed=job.seed))
+
+
+def test_one_bad_job_does_not_fail_its_group(engine):
+    good = Job(arrays(1, 0)[0], timesteps=3, seed=1)
+    bad = Job(arrays(1, 1)[0], mask=np.full((1, 1, H, W), 2.0, np.float32), x_init=arrays(1, 1)[2], timesteps=3)
+    bad2 = Job(arrays(1, 2)[0], mask=np.ones((1, 1, H, W), np.float32), x_init=arrays(1, 2)[2], timesteps=3, seed=4)
+    results = run_group(engine, [bad, bad2])
+    assert isinstance(results[0], ValueError) and "mask values must lie in [0, 1]" in str(results[0])
+    np.testing.assert_array_equal(results[1], engine.sample(bad2.background, mask=bad2.mask, x_init=bad2.x_init,
+                                                            timesteps=3, seed=4))
+    np.testing.assert_array_equal(run_group(engine, [good])[0], engine.sample(good.background, timesteps=3, seed=1))

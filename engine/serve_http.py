@@ -210,7 +210,7 @@ class Service:
         return Response(body, headers=headers)
 
 
-def model_name(engine, directory) -> str:
+def model_name(directory) -> str:
     """The default served name: the engine directory's name."""
     from pathlib import Path
 
@@ -225,7 +225,7 @@ def serve(directory, host: str = "127.0.0.1", port: int = 8000, name: str | None
     from .api import load
 
     engine = load(directory, backend=backend, threads=threads)
-    service = Service(engine, name or model_name(engine, directory), **service_kwargs)
+    service = Service(engine, name or model_name(directory), **service_kwargs)
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig, frame):

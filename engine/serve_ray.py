@@ -97,7 +97,8 @@ def make_deployment(max_batch: int, batch_window_ms: float):
             kind, value = outcome
             if kind == "error":
                 status = 400 if isinstance(value, ValueError) else 500
-                return error(status, f"{value}" if status == 400 else f"sampling failed: {type(value).__name__}: {value}")
+                return error(status, str(value) if status == 400 else
+                             f"sampling failed: {type(value).__name__}: {value}")
             body, headers = oip.infer_response(value, self.name, options, job.seed)
             return Response(body, headers=headers)
 

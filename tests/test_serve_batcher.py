@@ -1,4 +1,5 @@
-"""Dynamic batching: Engine.sample(segments=...) keeps each request's result exact; the Batcher groups, bounds, drains."""
+"""Dynamic batching: Engine.sample(segments=...) keeps each request's result exact; the Batcher groups, bounds and
+drains."""
 import concurrent.futures
 import threading
 import time

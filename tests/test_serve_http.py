@@ -307,7 +307,8 @@ def test_requests_past_their_timeout_get_504(engine):
         assert [r.status_code for r in answers] == [504] * 4
         assert "no result within the 0.3 s timeout" in answers[0].json()["error"]
         running.service.batcher.engine.delay_s = 0.0
-        assert httpx.post(running.base + URL + "/infer", json=infer_json(BG, timesteps=2), timeout=30).status_code == 200
+        r = httpx.post(running.base + URL + "/infer", json=infer_json(BG, timesteps=2), timeout=30)
+        assert r.status_code == 200
     finally:
         running.stop()
 

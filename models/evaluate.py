@@ -36,25 +36,25 @@ def _rmse_under_clouds(pred: torch.Tensor, tiles: list[Tile]) -> float:
 
 @torch.no_grad()
 def reconstruct(model, tiles: list[Tile], timesteps: int = 100, sampler: str = "ddpm", samples: int = 1,
-                seed: int = 0) -> torch.Tensor:
+                seed: int = 0, t_start: float = 1.0, init: str = "noise") -> torch.Tensor:
     """Inpaint the cloud pixels with reference_sample; samples > 1 returns the ensemble mean. [N, 1, H, W]."""
     background = torch.stack([t.background for t in tiles]).repeat(samples, 1, 1, 1)
     mask = torch.stack([t.mask for t in tiles]).repeat(samples, 1, 1, 1)
     x_init = torch.stack([t.x_init for t in tiles]).repeat(samples, 1, 1, 1)
     gen = torch.Generator().manual_seed(seed)
     x = reference_sample(model, background, tuple(x_init.shape), mask=mask, x_init=x_init, timesteps=timesteps,
-                         sampler=sampler, generator=gen)
+                         sampler=sampler, generator=gen, t_start=t_start, init=init)
     x = x.reshape(samples, len(tiles), *x.shape[1:]).mean(0)
     # The seed does not re-paste known pixels; a reconstruction product does.
     return x * mask[: len(tiles)] + x_init[: len(tiles)] * (1 - mask[: len(tiles)])
 
 
 def evaluate(model, n_tiles: int = 4, size: int = 64, timesteps: int = 100, sampler: str = "ddpm",
-             samples: int = 1, seed: int = 0) -> dict:
+             samples: int = 1, seed: int = 0, t_start: float = 1.0, init: str = "noise") -> dict:
     """{'rmse_model', 'rmse_background'} in deg C over cloud pixels, plus the tiles and reconstructions."""
     tiles = held_out_tiles(n_tiles, size)
     start = time.perf_counter()
-    recon = reconstruct(model, tiles, timesteps, sampler, samples, seed)
+    recon = reconstruct(model, tiles, timesteps, sampler, samples, seed, t_start, init)
     return {
         "rmse_model": _rmse_under_clouds(recon, tiles),
         "rmse_background": _rmse_under_clouds(torch.stack([t.background for t in tiles]), tiles),
@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timesteps", type=int, default=100, help="sampling steps (default %(default)s)")
     p.add_argument("--sampler", default="ddpm", help="ddpm or ddim (default %(default)s)")
     p.add_argument("--samples", type=int, default=1, help="samples per tile; > 1 scores their mean (default 1)")
+    p.add_argument("--t-start", type=float, default=1.0, help="first time of the loop (default %(default)s)")
+    p.add_argument("--init", default="noise", help="noise, or background: start from diffuse(background, t_start), "
+                   "as CARE-SST's partial-noise runs (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling noise seed (default %(default)s)")
     p.add_argument("--figure", help="write observed | background | reconstruction | truth to this PNG")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -106,11 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         r = evaluate(load_model(args.model), args.tiles, args.size, args.timesteps, args.sampler, args.samples,
-                     args.seed)
+                     args.seed, args.t_start, args.init)
     except (ValueError, FileNotFoundError) as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)
         return 2
-    print(f"RMSE under clouds ({args.tiles} tiles {args.size}x{args.size}, {args.sampler} {args.timesteps} steps, "
+    print(f"RMSE under clouds ({args.tiles} tiles {args.size}x{args.size}, {args.sampler} {args.timesteps} steps "
+          f"from t={args.t_start} ({args.init}), "
           f"{args.samples} sample(s)): model {r['rmse_model']:.4f} C, background only {r['rmse_background']:.4f} C "
           f"[{r['seconds']:.1f} s]")
     if args.figure:

@@ -375,6 +375,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-efficiency", dest="efficiency", action="store_false",
                    help="skip matmul/copy rates and the per-call U-Net timings")
     p.add_argument("--engines-only", action="store_true", help="time only the seed loop and the engines")
+    p.add_argument("--skip", default="", help="comma-separated substrings of path names not to time, e.g. "
+                                              "'engine torch' (the seed loop is always timed)")
     p.add_argument("--plot", nargs="?", const=str(HERE / "bench_sample.png"), default=None,
                    help="write a PNG of throughput vs batch per path (default path benchmarks/bench_sample.png)")
     p.add_argument("--workdir", default=None, help="build engines here (default: a temporary directory, removed)")
@@ -461,6 +463,10 @@ def main(argv=None) -> int:
                 continue
             paths[label] = (lambda e: lambda T: e.sample(background, mask=mask, x_init=x_init, timesteps=T, seed=0))(eng)
             info[label] = dict(backend=backend, precision=precision, default=is_default, engine=eng)
+
+        for name in [n for n in paths if n != "seed loop (eager)"]:
+            if any(k.strip() and k.strip() in name for k in args.skip.split(",")):
+                del paths[name]
 
         # warm-up (allocation, OpenVINO/ONNX Runtime first inference, torch.compile) with 2 steps
         setup, first_mem = {}, {}

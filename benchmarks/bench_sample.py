@@ -380,7 +380,13 @@ def main(argv=None) -> int:
     p.add_argument("--plot", nargs="?", const=str(HERE / "bench_sample.png"), default=None,
                    help="write a PNG of throughput vs batch per path (default path benchmarks/bench_sample.png)")
     p.add_argument("--workdir", default=None, help="build engines here (default: a temporary directory, removed)")
+    p.add_argument("--markdown", action="store_true", help="also print the tables as Markdown (for RESULTS.md)")
+    p.add_argument("--from-log", default=None, metavar="FILE",
+                   help="run nothing: read the JSON lines of an earlier run's output and print its Markdown tables "
+                        "(and --plot)")
     args = p.parse_args(argv)
+    if args.from_log:
+        return from_log(args.from_log, args.plot)
     batches = sorted({int(b) for b in args.batch.split(",")})
     steps = [int(s) for s in args.steps.split(",")]
     if min(batches) < 1 or min(steps) < 1 or args.size < 8 or args.repeats < 1:
@@ -580,6 +586,8 @@ def main(argv=None) -> int:
     for row in [meta] + build_rows + rows + extra:
         print("JSON " + json.dumps(row, default=str))
 
+    if args.markdown:
+        print("\n" + markdown(meta, build_rows, rows, extra))
     if args.plot:
         write_plot(rows, args.plot, args.size, meta)
         print(f"# plot: {args.plot}")
@@ -587,6 +595,59 @@ def main(argv=None) -> int:
         del engines
         gc.collect()
         tmp.cleanup()
+    return 0
+
+
+def markdown(meta: dict, build_rows: list, rows: list, extra: list) -> str:
+    """RESULTS.md tables: sampling (ratios to the seed loop), build/load times, step cost."""
+    out = [f"Machine: {meta['machine']}, {meta['cores']} cores, torch threads {meta['torch_threads']}; "
+           f"load average {meta['loadavg_start']} at the start, {meta.get('loadavg_end')} at the end. "
+           f"Model: {meta['model']}. Measured torch.mm rate {meta.get('mm_fp32_gflops', '?')} GFLOP/s fp32, "
+           f"{meta.get('mm_bf16_gflops', '?')} GFLOP/s bf16; copy bandwidth {meta.get('copy_gbps', '?')} GB/s.", "",
+           "| path | B | T | run s (median) | spread | s/sample | samples/s | ms/step | vs seed | peak MiB | U-Net share "
+           "| U-Net GFLOP/s | of mm rate |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pct = lambda k: f"{100 * r[k]:.0f} %" if r.get(k) is not None else "-"  # noqa: E731
+        pct1 = lambda k: f"{100 * r[k]:.1f} %" if r.get(k) is not None else "-"  # noqa: E731
+        out.append(f"| {r['path']} | {r['batch']} | {r['steps']} | {fmt_s(r['median_s'])} | {pct('spread')} | "
+                   f"{fmt_s(r['s_per_sample'])} | {r['samples_per_s']:.3g} | {r['ms_per_step']:.1f} | "
+                   f"**{r['vs_seed']:.2f}x** | {r['peak_mem_mib'] if r['peak_mem_mib'] is not None else '-'} | "
+                   f"{pct('unet_share')} | {r.get('achieved_gflops', '-')} | {pct1('of_mm_peak')} |")
+    out += ["", "| engine dir | backend | precision | verify | build | total s | stages (s) |", "|---|---|---|---|---|---|---|"]
+    for r in build_rows:
+        if r["kind"] == "build":
+            stages = "; ".join(f"{k} {v:.2f}" for k, v in r["stages"].items() if v >= 0.005)
+            out.append(f"| {r['engine']} | {r['backend']} | {r['precision']} | {r['verify']} | {r['attempt']} | "
+                       f"{r['total_s']:.2f} | {stages} |")
+        else:
+            out.append(f"| {r['engine']} | {r['backend']} | {r['precision']} | | load | {r['total_s']:.2f} | "
+                       "open + compile for this CPU |")
+    if extra:
+        out += ["", "| B | step bytes | seed ops ms | seed GB/s | engine step_torch ms | engine GB/s | of copy bw |",
+                "|---|---|---|---|---|---|---|"]
+        for e in extra:
+            s, f = e["seed torch ops"], e["step_torch eager"]
+            of = f"{100 * f['of_copy']:.1f} %" if "of_copy" in f else "-"
+            out.append(f"| {e['batch']} | {e['bytes'] / 1e6:.2f} MB | {s['ms']:.3f} | {s['gbps']:.2f} | {f['ms']:.3f} | "
+                       f"{f['gbps']:.2f} | {of} |")
+    return "\n".join(out)
+
+
+def from_log(path: str, plot: str | None) -> int:
+    """Markdown tables (and the plot) from the "JSON " lines of an earlier run's output."""
+    items = [json.loads(line[5:]) for line in Path(path).read_text().splitlines() if line.startswith("JSON ")]
+    meta = next((i for i in items if i.get("kind") == "meta"), None)
+    if meta is None:
+        print(f"{path}: no JSON meta line (is it bench_sample.py output?)", file=sys.stderr)
+        return 2
+    rows = [i for i in items if i.get("kind") == "sample"]
+    print(f"Command: `{meta['command']}`\n")
+    print(markdown(meta, [i for i in items if i.get("kind") in ("build", "load")], rows,
+                   [i for i in items if i.get("kind") == "step"]))
+    if plot and rows:
+        write_plot(rows, plot, meta["size"], meta)
+        print(f"\n# plot: {plot}")
     return 0
 
 

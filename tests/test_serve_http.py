@@ -176,11 +176,24 @@ def test_twice_capacity_every_request_exact_or_503(server, engine):
             return r, time.perf_counter() - start
 
     before = server.metric("ddpm_engine_batch_rows_count"), server.metric("ddpm_engine_batch_rows_sum")
-    with concurrent.futures.ThreadPoolExecutor(n) as pool:
-        answers = list(pool.map(call, range(n)))
+    refused = lambda: server.metric('ddpm_engine_requests_total{code="503"}')  # noqa: E731
+    refused_before = refused()
+    gate = server.service.batcher.engine.gate
+    gate.clear()  # the first batch holds the engine until every client has been either queued or refused
+    try:
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            futures = [pool.submit(call, k) for k in range(n)]
+            deadline = time.monotonic() + 30
+            while (refused() - refused_before + server.metric("ddpm_engine_inflight_requests") < n
+                   and time.monotonic() < deadline):
+                time.sleep(0.02)
+            gate.set()
+            answers = [f.result() for f in futures]
+    finally:
+        gate.set()
     codes = [r.status_code for r, _ in answers]
     assert set(codes) <= {200, 503}, codes
-    assert codes.count(200) >= 4 and codes.count(503) >= 1, codes
+    assert codes.count(200) >= 4 and codes.count(503) >= n - 8, codes  # at most 4 queued + 4 rows running
     for (bg, mask, x_init, seed), (r, _) in zip(requests, answers):
         if r.status_code == 503:
             assert int(r.headers["retry-after"]) >= 1 and "server busy" in r.json()["error"]

@@ -44,6 +44,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import statistics
 import sys
 import tempfile
@@ -406,7 +407,7 @@ def main(argv=None) -> int:
                 bf16_isa=bool({"avx512_bf16", "amx_bf16"} & cpu_flags()), versions=versions(), model=model_label,
                 size=args.size, batches=batches, steps=steps, repeats=args.repeats, device=device.type,
                 gpu=torch.cuda.get_device_name() if device.type == "cuda" else None,
-                loadavg_start=[round(v, 2) for v in os.getloadavg()], command="python " + " ".join(
+                loadavg_start=[round(v, 2) for v in os.getloadavg()], command="python " + shlex.join(
                     [Path(sys.argv[0]).as_posix()] + sys.argv[1:]) if argv is None else "main(" + repr(argv) + ")")
     print(f"# {meta['machine']} ({meta['cores']} cores, torch threads {meta['torch_threads']}, bf16 ISA "
           f"{'yes' if meta['bf16_isa'] else 'no'}); load average {meta['loadavg_start']}")

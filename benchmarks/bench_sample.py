@@ -606,15 +606,16 @@ def markdown(meta: dict, build_rows: list, rows: list, extra: list) -> str:
            f"Model: {meta['model']}. Measured torch.mm rate {meta.get('mm_fp32_gflops', '?')} GFLOP/s fp32, "
            f"{meta.get('mm_bf16_gflops', '?')} GFLOP/s bf16; copy bandwidth {meta.get('copy_gbps', '?')} GB/s.", "",
            "| path | B | T | run s (median) | spread | s/sample | samples/s | ms/step | vs seed | peak MiB | U-Net share "
-           "| U-Net GFLOP/s | of mm rate |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| U-Net GFLOP/s | of mm rate | warm-up s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pct = lambda k: f"{100 * r[k]:.0f} %" if r.get(k) is not None else "-"  # noqa: E731
         pct1 = lambda k: f"{100 * r[k]:.1f} %" if r.get(k) is not None else "-"  # noqa: E731
         out.append(f"| {r['path']} | {r['batch']} | {r['steps']} | {fmt_s(r['median_s'])} | {pct('spread')} | "
                    f"{fmt_s(r['s_per_sample'])} | {r['samples_per_s']:.3g} | {r['ms_per_step']:.1f} | "
                    f"**{r['vs_seed']:.2f}x** | {r['peak_mem_mib'] if r['peak_mem_mib'] is not None else '-'} | "
-                   f"{pct('unet_share')} | {r.get('achieved_gflops', '-')} | {pct1('of_mm_peak')} |")
+                   f"{pct('unet_share')} | {r.get('achieved_gflops', '-')} | {pct1('of_mm_peak')} | "
+                   f"{r['warmup_s']} |")
     out += ["", "| engine dir | backend | precision | verify | build | total s | stages (s) |", "|---|---|---|---|---|---|---|"]
     for r in build_rows:
         if r["kind"] == "build":

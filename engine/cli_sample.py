@@ -58,6 +58,10 @@ def register(subparsers) -> None:
     r.add_argument("--oisst", nargs="+", metavar="NPY", help="OISST background tiles matching --viirs")
     r.add_argument("--size", type=int, default=64, help="size of --synthetic tiles")
     r.add_argument("--samples", type=int, default=1, help="samples per tile (mean and spread are saved)")
+    r.add_argument("--t-start", type=float, default=1.0,
+                   help="start time in (0, 1]; below 1 with --init background is CARE-SST's partial-noise start")
+    r.add_argument("--init", choices=("noise", "background"), default="noise",
+                   help="start from pure noise, or from the background diffused to --t-start")
     r.add_argument("--batch", type=int, default=8, help="rows per engine call (tiles x samples)")
     r.add_argument("--limit", type=int, default=None, help="use only the first N tiles")
     r.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
@@ -124,7 +128,7 @@ def run_reconstruct(args) -> int:
     tiles = tiles[: args.limit] if args.limit else tiles
     engine = load(args.engine, backend=args.backend, step=args.step)
     results, timing = reconstruct(engine, tiles, samples=args.samples, batch=args.batch, timesteps=args.timesteps,
-                                  sampler=args.sampler, seed=args.seed)
+                                  sampler=args.sampler, seed=args.seed, t_start=args.t_start, init=args.init)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     summary = []

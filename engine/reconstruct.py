@@ -65,8 +65,12 @@ def synthetic_tiles(count: int, size: int = 64, seed: int = 2024) -> list[tuple[
 
 
 def reconstruct(engine, tiles: list[tuple[str, Tile]], samples: int = 1, batch: int = 8, timesteps: int = 100,
-                sampler: str = "ddpm", seed: int = 0, progress: bool = True) -> tuple[list[Reconstruction], dict]:
-    """Sample every tile `samples` times in batches of up to `batch` rows; returns results and timing."""
+                sampler: str = "ddpm", seed: int = 0, t_start: float = 1.0, init: str = "noise",
+                progress: bool = True) -> tuple[list[Reconstruction], dict]:
+    """Sample every tile `samples` times in batches of up to `batch` rows; returns results and timing.
+
+    t_start < 1 with init="background" is CARE-SST's partial-noise start: diffuse the background to t_start.
+    """
     if samples < 1 or batch < 1:
         raise ValueError(f"samples and batch must be >= 1, got {samples} and {batch}")
     for name, tile in tiles:  # refuse before any work, not halfway through
@@ -82,7 +86,8 @@ def reconstruct(engine, tiles: list[tuple[str, Tile]], samples: int = 1, batch: 
             for g, group in enumerate(groups):  # tiles of one size share a batch
                 stack = lambda field: torch.stack([getattr(t, field) for _, t in group])  # noqa: E731
                 x = engine.sample(stack("background"), mask=stack("mask"), x_init=stack("x_init"),
-                                  timesteps=timesteps, sampler=sampler, seed=seed + 1000 * b + g)
+                                  timesteps=timesteps, sampler=sampler, seed=seed + 1000 * b + g,
+                                  t_start=t_start, init=init)
                 for (k, _), out in zip(group, x[:, 0].numpy()):
                     outputs[k].append(out)
                 bar.update(len(group))
@@ -120,13 +125,17 @@ def save_figure(result: Reconstruction, path: Path) -> None:
     if result.std is not None:
         panels.append(("spread (std)", result.std))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), constrained_layout=True)
+    images = []
     for ax, (title, image) in zip(axes, panels):
         spread = title.startswith("spread")
-        im = ax.imshow(image, cmap="magma" if spread else "RdYlBu_r", vmin=None if spread else vmin,
-                       vmax=None if spread else vmax)
+        images.append(ax.imshow(image, cmap="magma" if spread else "RdYlBu_r", vmin=None if spread else vmin,
+                                vmax=None if spread else vmax))
         ax.set_title(title)
         ax.set_axis_off()
-    fig.colorbar(im, ax=axes, shrink=0.8, label="deg C")
+    n_sst = len(panels) - (result.std is not None)
+    fig.colorbar(images[0], ax=list(axes[:n_sst]), shrink=0.8, label="SST (deg C)")
+    if result.std is not None:
+        fig.colorbar(images[-1], ax=axes[-1], shrink=0.8, label="deg C")
     rmse = result.rmse()
     fig.suptitle(result.name + (f"  (cloud RMSE {rmse[0]:.3f} C; background {rmse[1]:.3f} C)" if rmse else ""))
     fig.savefig(path, dpi=80)

@@ -36,7 +36,7 @@ def test_sample_writes_what_the_api_returns(tiny_engine_dir, arrays, tmp_path, c
 
 def test_reconstruct_synthetic_tiles_writes_arrays_figures_and_a_summary(tiny_engine_dir, tmp_path, capsys):
     code = main(["reconstruct", str(tiny_engine_dir), "--synthetic", "2", "--size", "16", "--samples", "2",
-                 "--timesteps", "3", "-o", str(tmp_path / "rec")])
+                 "--timesteps", "3", "--t-start", "0.5", "--init", "background", "-o", str(tmp_path / "rec")])
     out = capsys.readouterr().out
     assert code == 0
     summary = json.loads(out.strip().splitlines()[-1])

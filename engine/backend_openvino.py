@@ -1,4 +1,4 @@
-"""OpenVINO backend for x86 CPUs: a compiled model whose infer request reads and writes the Runner's buffers."""
+"""OpenVINO backend for x86 CPUs: per buffer set, a model compiled for its exact shapes, reading and writing in place."""
 from __future__ import annotations
 
 import torch
@@ -16,20 +16,25 @@ class OpenVinoBackend:
 
     def __init__(self, model_path, precision: str = "fp32", threads: int | None = None):
         ov = require("openvino")
-        self._ov = ov
+        self._ov, self._core = ov, ov.Core()
         self.device = torch.device("cpu")
-        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+        self.config = {"PERFORMANCE_HINT": "LATENCY",
+                       "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
         if threads:
-            config["INFERENCE_NUM_THREADS"] = threads
+            self.config["INFERENCE_NUM_THREADS"] = threads
         try:
-            self.compiled = ov.Core().compile_model(str(model_path), "CPU", config)
+            self.model = self._core.read_model(str(model_path))
         except Exception as exc:  # OpenVINO raises RuntimeError with its own message for bad files
             raise EngineFileError(f"{model_path}: OpenVINO cannot load it ({str(exc).splitlines()[0]}); "
                                   "rebuild the engine") from None
 
     def bind(self, sample, timestep, eps):
         ov = self._ov
-        request = self.compiled.create_infer_request()
+        # Compiled for this buffer set's exact shapes: a dynamic [?, C, ?, ?] model runs ~1.3x slower on CPU
+        # (measured with sst-small, 1 thread). The Runner binds each (batch, H, W) once, so this is paid once.
+        model = self.model.clone()
+        model.reshape({"sample": ov.PartialShape(list(sample.shape)), "timestep": ov.PartialShape(list(timestep.shape))})
+        request = self._core.compile_model(model, "CPU", self.config).create_infer_request()
         # shared_memory=True wraps the torch storage: OpenVINO reads the inputs and writes eps in place.
         request.set_tensor("sample", ov.Tensor(sample.numpy(), shared_memory=True))
         request.set_tensor("timestep", ov.Tensor(timestep.numpy(), shared_memory=True))

@@ -101,7 +101,8 @@ def test_ray_serve_batches_and_every_result_is_exact(ray_server, tiny_engine_dir
 def test_ray_queue_is_bounded(ray_server):
     base, _ = ray_server
     n = 40  # 8 ongoing + 16 queued fit; the rest are refused by Ray's proxy
-    content, headers = body(tile(0)[0], timesteps=100)
+    # Long requests (1000 steps), so all n arrive while the first ones still run, on a fast machine too.
+    content, headers = body(tile(0)[0], timesteps=1000)
     barrier = threading.Barrier(n)
 
     def call(_):

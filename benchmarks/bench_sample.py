@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import re
@@ -237,10 +236,11 @@ class PeakMemory:
 def build_engines(model, args, batches, size, workdir: Path, device: torch.device):
     """Build the engines into workdir; return (build rows, [(label, backend, precision, is_default, Engine)])."""
     from ddpm_engine.engine.backends import is_available
-    from ddpm_engine.export.build import resolve_backend
+    from ddpm_engine.export.build import resolve_backend, resolve_precision
 
     profile = dict(batch=(min(batches), max(batches), max(batches)), size=((size, size),) * 3)
     default = resolve_backend("auto", "fp32")
+    default_precision = resolve_precision("auto", default)  # what build(backend="auto") makes here
     plans = [("fp32", default, "fp32", True)]  # (dir, backend, precision, verify)
     if default == "openvino" and not args.no_bf16:
         plans.append(("bf16", "openvino", "bf16", True))
@@ -271,18 +271,19 @@ def build_engines(model, args, batches, size, workdir: Path, device: torch.devic
                 break  # the unverified build only splits the cold timings
 
     engines = []
-    wanted = [("fp32", default, "fp32", True)]
+    wanted = [("fp32", default, "fp32")]
     if "fp32" in dirs:
         for backend in ("openvino", "onnxruntime", "torch"):
             if backend != default and (backend == "torch" or is_available(backend)):
-                wanted.append(("fp32", backend, "fp32", False))
+                wanted.append(("fp32", backend, "fp32"))
     if "bf16" in dirs:
-        wanted.append(("bf16", "openvino", "bf16", False))
+        wanted.append(("bf16", "openvino", "bf16"))
     if "fp16" in dirs:
-        wanted.append(("fp16", "tensorrt", "fp16", False))
+        wanted.append(("fp16", "tensorrt", "fp16"))
     if "ov-fp32" in dirs:
-        wanted.append(("ov-fp32", "openvino", "fp32", False))
-    for name, backend, precision, is_default in wanted:
+        wanted.append(("ov-fp32", "openvino", "fp32"))
+    for name, backend, precision in wanted:
+        is_default = backend == default and precision == default_precision
         if name not in dirs:
             continue
         t0 = time.perf_counter()

@@ -20,8 +20,9 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="engine directory to write")
     p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "openvino", "torch"],
                    help="auto: tensorrt with TensorRT + an NVIDIA GPU, else openvino on x86 CPUs, else onnxruntime")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
-                   help="compute precision; fp16/bf16 graphs keep norms, softmax and reductions in fp32")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="compute precision; fp16/bf16 graphs keep norms, softmax and reductions in fp32. auto: bf16 "
+                   "for openvino on CPUs with native bf16 (AVX-512 BF16 / AMX), else fp32")
     p.add_argument("--io-precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="dtype of sample/timestep/eps for reduced-precision graphs (fp32 or the --precision)")
     p.add_argument("--batch", default="1:1:8", metavar="MIN:OPT:MAX", help="batch profile (or a single N)")

@@ -352,7 +352,6 @@ def convert_precision(model, precision: str, *, keep_io_types: bool = True, keep
 
 def precision_summary(model) -> dict[str, dict[str, int]]:
     """Count of nodes per op type by the dtype of their first float input ('float32', 'float16', ...)."""
-    import onnx
     from onnx import TensorProto
 
     g = _infer(model).graph

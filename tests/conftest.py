@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from export_standin import single_thread
 
 # Triton kernels (kernels/fused_step_triton.py) run in Triton's interpreter on machines without CUDA. The
 # @triton.jit decorator reads this at import time, so it must be set before any test imports triton.
@@ -27,6 +28,14 @@ def pytest_collection_modifyitems(config, items):
         for marker, skip in skips.items():
             if marker in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread (and one verification thread) for tests of small tensors: on 2 shared cores a second
+    intra-op thread only adds synchronisation, and every op waits for it when the other core is busy."""
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

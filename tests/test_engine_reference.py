@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from seed_longhand import SCHED, abar, draw_seed_noises, run_longhand, toy_model
+from seed_longhand import abar, draw_seed_noises, run_longhand, toy_model
 
 from ddpm_engine.engine import reference_sample
 

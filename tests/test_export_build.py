@@ -12,10 +12,7 @@ BATCH, SIZE = (1, 1, 3), ((16, 16), (24, 24), (40, 40))
 COMBOS = [("onnxruntime", "fp32"), ("openvino", "fp32"), ("onnxruntime", "bf16"), ("openvino", "bf16")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _care_sst_small():
@@ -231,3 +228,13 @@ def test_rebuild_from_an_engine_directory_uses_its_kept_weights(tmp_path):
     second = build(str(tmp_path / "a"), tmp_path / "b", backend="onnxruntime", batch=BATCH, size=SIZE, verify=False)
     assert second.manifest["model"]["weights_sha256"] == first.manifest["model"]["weights_sha256"]
     shutil.rmtree(tmp_path / "a")
+
+
+def test_auto_precision_is_bf16_only_for_openvino_on_cpus_with_native_bf16():
+    from ddpm_engine.export.build import resolve_precision
+    from ddpm_engine.export.openvino_build import cpu_supports
+
+    assert resolve_precision("auto", "openvino") == ("bf16" if cpu_supports("bf16") else "fp32")
+    for backend in ("onnxruntime", "torch", "tensorrt"):
+        assert resolve_precision("auto", backend) == "fp32"
+    assert resolve_precision("fp32", "openvino") == "fp32"  # an explicit precision is kept

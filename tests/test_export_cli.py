@@ -11,10 +11,7 @@ from ddpm_engine.export import read_manifest
 from export_standin import single_thread
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ def pristine(tmp_path_factory):
     torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("pristine") / "engine"
     with single_thread():
-        build(TinyUNet().eval(), directory, backend="openvino", batch=BATCH, size=SIZE, verify=False)
+        build(TinyUNet().eval(), directory, backend="openvino", precision="fp32", batch=BATCH, size=SIZE, verify=False)
     return directory
 
 

@@ -7,10 +7,7 @@ from ddpm_engine.export import TOLERANCES, VerificationError, export_onnx, verif
 from export_standin import FixedSizeNet, TinyUNet, single_thread
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,7 @@ from export_standin import LoudNet, SumSquaresNet, TinyUNet, single_thread
 CASES = [(1, 24, 24), (3, 37, 29), (2, 40, 40)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

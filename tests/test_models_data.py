@@ -10,13 +10,7 @@ from ddpm_engine.models.data import (background_for, cloud_mask, denormalize, lo
                                      synthetic_sst, synthetic_tile, training_batch)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Small tensors: a second intra-op thread only adds sync cost, and on a loaded 2-core box every op waits for it.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 REAL = Path(os.environ.get("DDPM_ENGINE_SST_DATA", Path(__file__).resolve().parents[2] / "shared/data/sst-cloud"))

@@ -1,18 +1,11 @@
 """The bundled sst-small model fills cloud gaps better than the background alone (the issue's acceptance test)."""
 import pytest
-import torch
 
 from ddpm_engine.models import load_model
 from ddpm_engine.models.evaluate import evaluate, save_figure
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Small tensors: a second intra-op thread only adds sync cost, and on a loaded 2-core box every op waits for it.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.mark.slow

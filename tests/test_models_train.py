@@ -13,13 +13,7 @@ from ddpm_engine.models.data import training_batch
 from ddpm_engine.models.train import TrainConfig, diffusion_loss, ema_update, train
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Small tensors: a second intra-op thread only adds sync cost, and on a loaded 2-core box every op waits for it.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 TINY = dict(size=16, crop=12, batch=2, warmup=2, save_every=2)

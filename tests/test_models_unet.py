@@ -9,13 +9,7 @@ from ddpm_engine.models.layers import GlobalResponseNorm
 from ddpm_engine.models.unet import pad_like, sinusoidal_embedding
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Small tensors: a second intra-op thread only adds sync cost, and on a loaded 2-core box every op waits for it.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _resblock(prefix, c, c_emb=None, c_skip=0):

@@ -34,12 +34,10 @@ timeout 240 python -m pytest -q -p no:cacheprovider -rs tests/test_engine_cuda.p
 echo "pytest exit $?" >> "$out/pytest.log"
 timeout 120 python benchmarks/bench_step.py --cuda-graphs > "$out/bench_step.log" 2>&1
 echo "bench_step exit $?" >> "$out/bench_step.log"
-if [ -f benchmarks/bench_sample.py ]; then
-    # bench_sample uses CUDA when it is visible: the torch engine there runs the Triton step under CUDA graphs.
-    timeout 150 python benchmarks/bench_sample.py --size 300 --batch 1,8 --steps 20 --engines-only --no-split-build \
-        > "$out/bench_sample.log" 2>&1
-    echo "bench_sample exit $?" >> "$out/bench_sample.log"
-fi
+# bench_sample uses CUDA when it is visible: the torch engine there runs the Triton step under CUDA graphs.
+timeout 150 python benchmarks/bench_sample.py --size 300 --batch 1,8 --steps 20 --engines-only --no-split-build \
+    > "$out/bench_sample.log" 2>&1
+echo "bench_sample exit $?" >> "$out/bench_sample.log"
 elapsed=$(( $(date +%s) - start ))
 
 python - "$out" "$elapsed" <<'PY'

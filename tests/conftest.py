@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from export_standin import single_thread
+from export_standin import TinyUNet, single_thread
 
 # Triton kernels (kernels/fused_step_triton.py) run in Triton's interpreter on machines without CUDA. The
 # @triton.jit decorator reads this at import time, so it must be set before any test imports triton.
@@ -36,6 +36,13 @@ def one_thread():
     intra-op thread only adds synchronisation, and every op waits for it when the other core is busy."""
     with single_thread():
         yield
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The export tests' stand-in noise-prediction net (tests/export_standin.py), seeded."""
+    torch.manual_seed(0)
+    return TinyUNet().eval()
 
 
 @pytest.fixture(scope="session")

@@ -1,19 +1,12 @@
 """ONNX export: names, dynamic batch and H/W at odd sizes, static fallback, external data, verification errors."""
 import onnx
 import pytest
-import torch
 
 from ddpm_engine.export import TOLERANCES, VerificationError, export_onnx, verify_onnx
 from export_standin import FixedSizeNet, TinyUNet, single_thread
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return TinyUNet().eval()
 
 
 @pytest.fixture(scope="module")

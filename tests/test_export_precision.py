@@ -6,18 +6,12 @@ from onnx import TensorProto
 
 from ddpm_engine.export import TOLERANCES, VerificationError, convert_precision, export_onnx, verify_onnx
 from ddpm_engine.export.precision import precision_summary
-from export_standin import LoudNet, SumSquaresNet, TinyUNet, single_thread
+from export_standin import LoudNet, SumSquaresNet, single_thread
 
 CASES = [(1, 24, 24), (3, 37, 29), (2, 40, 40)]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return TinyUNet().eval()
 
 
 @pytest.fixture(scope="module")

@@ -111,12 +111,6 @@ def test_missing_tensorrt_names_the_extra_to_install():
 
 # ---- These need TensorRT 11 and an NVIDIA GPU (skipped elsewhere by tests/conftest.py). ----
 
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return TinyUNet().eval()
-
-
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_tensorrt_plan_matches_pytorch(tiny, tmp_path, precision):

@@ -157,10 +157,11 @@ class Engine:
 def _open_backend(directory, manifest: dict, backend: str, device: torch.device, threads: int | None,
                   compile: bool):
     """The backend object for an engine directory, deriving its artefact on first use where possible."""
-    from ddpm_engine.export import ensure_artefact
+    from ddpm_engine.export import ensure_artefact, read_manifest
 
     path = ensure_artefact(directory, backend)  # checks hashes, versions and GPU; derives a missing artefact
-    precision = manifest["artefacts"].get(backend, {}).get("precision", manifest["precision"])
+    entry = read_manifest(directory)["artefacts"][backend]  # re-read: a derived artefact was just recorded
+    precision = entry.get("precision", manifest["precision"])
     if backend == "torch":
         from ddpm_engine.export.model_source import load_torch_model
 
@@ -175,7 +176,7 @@ def _open_backend(directory, manifest: dict, backend: str, device: torch.device,
     if backend == "openvino":
         from .backend_openvino import OpenVinoBackend
 
-        return OpenVinoBackend(path, precision=precision, threads=threads)
+        return OpenVinoBackend(path, entry["compile_config"], threads=threads)
     from .backend_tensorrt import TensorRTBackend
 
     return TensorRTBackend(path, device)

@@ -8,18 +8,17 @@ from .errors import EngineFileError
 
 
 class OpenVinoBackend:
-    """fp32, or bf16 through OpenVINO's inference-precision hint (I/O stays fp32)."""
+    """fp32, or bf16 through OpenVINO's inference-precision hint (I/O stays fp32), as the manifest records it."""
 
     name = "openvino"
     capturable = False
     dtype = torch.float32
 
-    def __init__(self, model_path, precision: str = "fp32", threads: int | None = None):
+    def __init__(self, model_path, compile_config: dict, threads: int | None = None):
         ov = require("openvino")
         self._ov, self._core = ov, ov.Core()
         self.device = torch.device("cpu")
-        self.config = {"PERFORMANCE_HINT": "LATENCY",
-                       "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+        self.config = {"PERFORMANCE_HINT": "LATENCY", **compile_config}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
         try:

@@ -3,24 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends import require
 from .errors import BackendUnavailableError, EngineFileError
-
-
-def error_logger(trt):
-    """A trt.ILogger that keeps error messages for our exceptions (the API itself only returns None/False)."""
-    severe = (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR)
-
-    class ErrorLogger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, severity, msg):
-            if severity in severe:
-                self.errors.append(msg)
-
-    return ErrorLogger()
 
 
 class TensorRTBackend:
@@ -30,20 +13,14 @@ class TensorRTBackend:
     capturable = True
 
     def __init__(self, plan_path, device="cuda"):
+        from ddpm_engine.export.tensorrt_build import capturing_logger, deserialize_plan, require_tensorrt
+
         if not torch.cuda.is_available():
             raise BackendUnavailableError("the tensorrt backend needs an NVIDIA GPU with CUDA; none is visible")
-        trt = require("tensorrt")
-        self._trt = trt
+        trt = require_tensorrt()
         self.device = torch.device(device)
-        self._log = error_logger(trt)
-        self.runtime = trt.Runtime(self._log)
-        with open(plan_path, "rb") as f:
-            plan = f.read()
-        self.engine = self.runtime.deserialize_cuda_engine(plan)
-        if self.engine is None:  # incompatible TensorRT version or GPU architecture, or a corrupt plan
-            raise EngineFileError(f"{plan_path}: TensorRT {trt.__version__} cannot deserialise this plan "
-                                  f"({'; '.join(self._log.errors) or 'no reason given'}); rebuild it on this "
-                                  "machine with `ddpm-engine build --backend tensorrt`")
+        self._log = capturing_logger(trt)
+        self.runtime, self.engine = deserialize_plan(plan_path, self._log)  # the runtime must outlive the engine
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         if sorted(names) != ["eps", "sample", "timestep"]:
             raise EngineFileError(f"{plan_path}: expected tensors sample, timestep, eps; got {names}")

@@ -52,10 +52,3 @@ def build_openvino_ir(onnx_path: str | Path, engine_dir: str | Path, precision: 
         "native": cpu_supports(precision),
         "source": Path(onnx_path).name,
     }
-
-
-def compile_openvino(model_xml: str | Path, precision: str = "fp32", device: str = "CPU", config: dict | None = None):
-    """ov.CompiledModel of an IR with the manifest's precision hint (extra OpenVINO config merged in)."""
-    ov = require_openvino()
-    cfg = {"INFERENCE_PRECISION_HINT": HINTS.get(precision, "f32"), **(config or {})}
-    return ov.Core().compile_model(str(model_xml), device, cfg)

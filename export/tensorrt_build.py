@@ -75,7 +75,9 @@ def require_tensorrt():
     return trt
 
 
-def _make_logger(trt):
+def capturing_logger(trt):
+    """A trt.ILogger that keeps error messages (the API itself only returns None/False) and prints warnings."""
+
     class CapturingLogger(trt.ILogger):
         """Prints warnings and keeps errors, so a None plan becomes an exception that says why."""
 
@@ -145,7 +147,7 @@ def build_tensorrt_plan(
     onnx_path = Path(onnx_path)
     out = Path(engine_dir) / TRT_DIR
     out.mkdir(parents=True, exist_ok=True)
-    logger = _make_logger(trt)
+    logger = capturing_logger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
@@ -203,12 +205,12 @@ def build_tensorrt_plan(
     }
 
 
-def deserialize_plan(plan_path: str | Path):
+def deserialize_plan(plan_path: str | Path, logger=None):
     """(runtime, ICudaEngine) for a plan file; EngineFileError when TensorRT rejects it (other version or GPU)."""
     from ddpm_engine.engine.errors import EngineFileError
 
     trt = require_tensorrt()
-    logger = _make_logger(trt)
+    logger = logger or capturing_logger(trt)
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
     if engine is None:
@@ -221,7 +223,7 @@ def deserialize_plan(plan_path: str | Path):
 def refit_plan(engine, onnx_path: str | Path) -> None:
     """Load new weights of the same architecture into a refittable engine from an ONNX file (no rebuild)."""
     trt = require_tensorrt()
-    logger = _make_logger(trt)
+    logger = capturing_logger(trt)
     refitter = trt.Refitter(engine, logger)
     parser_refitter = trt.OnnxParserRefitter(refitter, logger)
     if not parser_refitter.refit_from_file(str(onnx_path)) or not refitter.refit_cuda_engine():

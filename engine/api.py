@@ -52,7 +52,8 @@ class Engine:
                 raise ValueError(f"image size {height}x{width} is outside what this engine was built for "
                                  f"({h_min}x{w_min} .. {h_max}x{w_max}); rebuild with --size")
 
-    def _check_contract(self, background: torch.Tensor) -> None:
+    def check_background(self, background: torch.Tensor) -> None:
+        """Raise ValueError unless background [B, C_bg, H, W] has this model's channels and a built size."""
         c_bg = self.c_in - self.c_out
         if background.shape[1] != c_bg:
             raise ValueError(f"background has {background.shape[1]} channels; this model takes {c_bg} "
@@ -79,7 +80,7 @@ class Engine:
             raise ValueError("background is required")
         shape = (background.shape[0] if x_init is None else x_init.shape[0], self.c_out) + tuple(background.shape[2:])
         shape = check_sample_inputs(background, shape, mask, x_init)
-        self._check_contract(background)
+        self.check_background(background)
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}; must be one of {list(INITS)}")
         if init == "x_init" and x_init is None:

@@ -186,17 +186,10 @@ def validate(engine, job: Job) -> None:
     from .samplers import step_table
     from .validation import check_sample_inputs
 
-    c_bg = engine.c_in - engine.c_out
     bg = job.background
     t = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
     try:
-        if bg.shape[1] != c_bg:
-            raise ValueError(f"background has {bg.shape[1]} channels; this model takes {c_bg}")
-        if engine.size_range is not None:
-            (h0, w0), (h1, w1) = engine.size_range
-            if not (h0 <= bg.shape[2] <= h1 and w0 <= bg.shape[3] <= w1):
-                raise ValueError(f"image size {bg.shape[2]}x{bg.shape[3]} is outside what this engine serves "
-                                 f"({h0}x{w0} .. {h1}x{w1})")
+        engine.check_background(t(bg))
         rows = bg.shape[0] if job.x_init is None else job.x_init.shape[0]
         check_sample_inputs(t(bg), (rows, engine.c_out) + bg.shape[2:], t(job.mask), t(job.x_init))
         step_table(engine.schedule, job.sampler, job.timesteps, job.t_start, job.t_end)

@@ -223,7 +223,7 @@ BG = tile(0)[0]
     (json.dumps(infer_json(np.zeros((1, 3, H, W), np.float32))).encode(), {}, 400,
      "background has 3 channels; this model takes 1"),
     (json.dumps(infer_json(np.zeros((1, 1, 64, 64), np.float32))).encode(), {}, 400,
-     "image size 64x64 is outside what this engine serves"),
+     "image size 64x64 is outside what this engine was built for"),
     (json.dumps({"inputs": [json_input("background", BG) | {"shape": [1, 1, 8, 9]}]}).encode(), {}, 400,
      r"data has 64 values, shape \[1, 1, 8, 9\] needs 72"),
     (json.dumps({"inputs": [json_input("background", BG) | {"shape": [8, 8]}]}).encode(), {}, 400,

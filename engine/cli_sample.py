@@ -69,17 +69,6 @@ def register(subparsers) -> None:
     r.set_defaults(func=run_reconstruct)
 
 
-def _load_npy(path: str | None, name: str):
-    if path is None:
-        return None
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"--{name}: no such file: {path}")
-    try:
-        return np.load(path, allow_pickle=False).astype(np.float32, copy=False)
-    except ValueError as exc:
-        raise ValueError(f"--{name}: {path} is not a readable .npy array ({exc})") from None
-
-
 def _save_npy(path: Path, array: np.ndarray) -> None:
     from ddpm_engine.models.checkpoint import atomic_write
 
@@ -93,7 +82,10 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 def run_sample(args) -> int:
     from .api import load
 
-    arrays = {n: _load_npy(getattr(args, n.replace("-", "_")), n) for n in ("background", "mask", "x-init")}
+    from .reconstruct import load_npy
+
+    paths = {"background": args.background, "mask": args.mask, "x-init": args.x_init}
+    arrays = {n: None if p is None else load_npy(p, f"--{n}") for n, p in paths.items()}
     out = Path(args.output)
     if out.suffix != ".npy":
         raise ValueError(f"--output must end in .npy, got {out}")

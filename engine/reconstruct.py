@@ -32,22 +32,25 @@ class Reconstruction:
         return err(self.mean), err(self.background)
 
 
+def load_npy(path: str | Path, what: str) -> np.ndarray:
+    """A float32 array from a .npy file; FileNotFoundError / ValueError naming `what` (e.g. '--viirs')."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what}: no such file: {path}")
+    try:
+        return np.load(path, allow_pickle=False).astype(np.float32, copy=False)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {path} is not a readable .npy array ({exc})") from None
+
+
 def real_tiles(viirs: list[str], oisst: list[str]) -> list[tuple[str, Tile]]:
     """Preprocessed (name, Tile) pairs from matching lists of VIIRS and OISST .npy files."""
     if len(viirs) != len(oisst):
         raise ValueError(f"--viirs and --oisst need the same number of files, got {len(viirs)} and {len(oisst)}")
     out = []
     for v, o in zip(viirs, oisst):
-        arrays = []
-        for path in (v, o):
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"no such file: {path}")
-            try:
-                arrays.append(np.load(path, allow_pickle=False))
-            except ValueError as exc:
-                raise ValueError(f"{path}: not a readable .npy array ({exc})") from None
+        arrays = [load_npy(v, "--viirs"), load_npy(o, "--oisst")]
         for path, a in zip((v, o), arrays):
-            if not np.isfinite(a.astype(np.float32)).all():
+            if not np.isfinite(a).all():
                 raise ValueError(f"{path} contains NaN or inf (VIIRS uses 0 for cloud and -999 for land)")
         out.append((Path(v).stem, preprocess(*arrays)))
     return out

@@ -8,11 +8,10 @@ import torch
 
 from .backends import TorchBackend, check_backend
 from .errors import BackendUnavailableError
-from .reference import INITS
 from .runner import Runner
 from .samplers import step_table
 from .schedule import CosineSchedule
-from .validation import check_sample_inputs
+from .validation import check_sample_inputs, init_image
 
 
 def _as_tensor(name: str, value) -> torch.Tensor | None:
@@ -81,12 +80,7 @@ class Engine:
         shape = (background.shape[0] if x_init is None else x_init.shape[0], self.c_out) + tuple(background.shape[2:])
         shape = check_sample_inputs(background, shape, mask, x_init)
         self.check_background(background)
-        if init not in INITS:
-            raise ValueError(f"unknown init {init!r}; must be one of {list(INITS)}")
-        if init == "x_init" and x_init is None:
-            raise ValueError("init='x_init' needs x_init")
-        if init == "background" and background.shape[1] != self.c_out:
-            raise ValueError(f"init='background' needs background with {self.c_out} channels")
+        init_from = init_image(init, background, x_init, self.c_out)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
         if isinstance(intermediates_every, bool) or not isinstance(intermediates_every, int) or intermediates_every < 1:
@@ -96,14 +90,13 @@ class Engine:
         if segments is not None:
             generator = self._segment_generators(segments, shape[0], generator)
         table = step_table(self.schedule, sampler, timesteps, t_start, t_end, eta=eta, tau=tau)
-        init_image = {"noise": None, "background": background, "x_init": x_init}[init]
 
         outputs, inters = [], []
         with self._lock:
             # Batches above the built maximum run in chunks; chunk k uses seed + k so chunks differ.
             for k, start in enumerate(range(0, shape[0], self.max_batch)):
                 part = slice(start, start + self.max_batch)
-                x, xs = self._run_chunk(table, background[part], mask, x_init, init_image, part,
+                x, xs = self._run_chunk(table, background[part], mask, x_init, init_from, part,
                                         seed + k, generator, return_intermediates, intermediates_every)
                 outputs.append(x)
                 inters.append(xs)

@@ -5,9 +5,7 @@ import torch
 
 from .samplers import check_sampler, check_time_range, time_grid
 from .schedule import CosineSchedule, diffuse
-from .validation import check_sample_inputs
-
-INITS = ("noise", "background", "x_init")
+from .validation import check_sample_inputs, init_image
 
 
 def _randn(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -41,23 +39,17 @@ def reference_sample(
     schedule = schedule or CosineSchedule()
     check_sampler(sampler)
     check_time_range(timesteps, t_start, t_end)
-    if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; must be one of {list(INITS)}")
     if not (0.0 <= tau <= 1.0):
         raise ValueError(f"tau must be in [0, 1], got {tau!r}")
     if not (0.0 <= eta <= 1.0) or (sampler == "ddpm" and eta != 0.0):
         raise ValueError(f"eta must be in [0, 1] and is only used by 'ddim', got {eta!r} for {sampler!r}")
     shape = check_sample_inputs(background, shape, mask, x_init)
-    if init == "x_init" and x_init is None:
-        raise ValueError("init='x_init' needs x_init")
-    if init == "background" and background.shape[1] != shape[1]:
-        raise ValueError(f"init='background' needs background with {shape[1]} channels, got {background.shape[1]}")
+    source = init_image(init, background, x_init, shape[1])
 
     b = shape[0]
     grid = time_grid(timesteps, float(t_start), float(t_end))
     x = _randn(shape, background, generator)
-    if init != "noise":
-        source = background if init == "background" else x_init
+    if source is not None:
         x = diffuse(source.float(), torch.full((b,), grid[0], dtype=torch.float64), x, schedule)
     preds = []
     for i in range(timesteps):

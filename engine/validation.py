@@ -48,3 +48,17 @@ def check_sample_inputs(background, shape, mask=None, x_init=None) -> tuple[int,
         if bool((mask < 0).any()) or bool((mask > 1).any()):
             raise ValueError("mask values must lie in [0, 1] (1 = pixel to generate, 0 = known pixel)")
     return shape
+
+
+INITS = ("noise", "background", "x_init")
+
+
+def init_image(init: str, background: torch.Tensor, x_init, channels: int):
+    """The image a CARE-SST run starts from (diffused to t_start), or None for pure noise; ValueError if unusable."""
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; must be one of {list(INITS)}")
+    if init == "x_init" and x_init is None:
+        raise ValueError("init='x_init' needs x_init")
+    if init == "background" and background.shape[1] != channels:
+        raise ValueError(f"init='background' needs background with {channels} channels, got {background.shape[1]}")
+    return {"noise": None, "background": background, "x_init": x_init}[init]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .samplers import check_sampler, check_time_range, time_grid
+from .samplers import check_eta_tau, check_sampler, check_time_range, time_grid
 from .schedule import CosineSchedule, diffuse
 from .validation import check_sample_inputs, init_image
 
@@ -39,10 +39,7 @@ def reference_sample(
     schedule = schedule or CosineSchedule()
     check_sampler(sampler)
     check_time_range(timesteps, t_start, t_end)
-    if not (0.0 <= tau <= 1.0):
-        raise ValueError(f"tau must be in [0, 1], got {tau!r}")
-    if not (0.0 <= eta <= 1.0) or (sampler == "ddpm" and eta != 0.0):
-        raise ValueError(f"eta must be in [0, 1] and is only used by 'ddim', got {eta!r} for {sampler!r}")
+    check_eta_tau(sampler, eta, tau)
     shape = check_sample_inputs(background, shape, mask, x_init)
     source = init_image(init, background, x_init, shape[1])
 

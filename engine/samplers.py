@@ -52,6 +52,16 @@ def check_sampler(sampler) -> str:
     return sampler
 
 
+def check_eta_tau(sampler: str, eta: float, tau: float) -> None:
+    """Raise ValueError unless 0 <= eta <= 1 (DDIM only) and 0 <= tau <= 1."""
+    if not (0.0 <= eta <= 1.0):
+        raise ValueError(f"eta must be in [0, 1], got {eta!r}")
+    if sampler == "ddpm" and eta != 0.0:
+        raise ValueError("eta applies to the 'ddim' sampler only")
+    if not (0.0 <= tau <= 1.0):
+        raise ValueError(f"tau (fraction of steps that blend the known pixels) must be in [0, 1], got {tau!r}")
+
+
 def time_grid(timesteps: int, t_start: float, t_end: float) -> np.ndarray:
     """t_i = t_start + (t_end - t_start) i / T for i = 0..T, in float64 (the seed's linspace)."""
     i = np.arange(timesteps + 1, dtype=np.float64)
@@ -73,12 +83,7 @@ def step_table(
     schedule = schedule or CosineSchedule()
     check_sampler(sampler)
     check_time_range(timesteps, t_start, t_end)
-    if not (0.0 <= eta <= 1.0):
-        raise ValueError(f"eta must be in [0, 1], got {eta!r}")
-    if sampler == "ddpm" and eta != 0.0:
-        raise ValueError("eta applies to the 'ddim' sampler only")
-    if not (0.0 <= tau <= 1.0):
-        raise ValueError(f"tau (fraction of steps that blend the known pixels) must be in [0, 1], got {tau!r}")
+    check_eta_tau(sampler, eta, tau)
 
     t = time_grid(timesteps, float(t_start), float(t_end))
     a, a_next = schedule.alpha_cumprod(t[:-1]), schedule.alpha_cumprod(t[1:])

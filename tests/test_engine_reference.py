@@ -137,8 +137,9 @@ NAN = torch.full(SHAPE, float("nan"))
         (bad(sampler="dpm++"), r"unknown sampler 'dpm\+\+'; must be one of \['ddpm', 'ddim'\]"),
         (bad(init="zeros"), r"unknown init 'zeros'; must be one of \['noise', 'background', 'x_init'\]"),
         (bad(init="x_init"), "init='x_init' needs x_init"),
-        (bad(tau=2.0), r"tau must be in \[0, 1\]"),
-        (bad(eta=0.5), "eta must be in"),
+        (bad(tau=2.0), r"tau \(fraction of steps that blend the known pixels\) must be in \[0, 1\]"),
+        (bad(eta=0.5), "eta applies to the 'ddim' sampler only"),
+        (bad(eta=1.5, sampler="ddim"), r"eta must be in \[0, 1\]"),
     ],
 )
 def test_invalid_inputs_raise_one_clear_error_naming_the_argument(kwargs, match):

@@ -11,7 +11,7 @@ from .errors import BackendUnavailableError
 from .runner import Runner
 from .samplers import step_table
 from .schedule import CosineSchedule
-from .validation import check_sample_inputs, init_image
+from .validation import check_sample_inputs, check_seed, init_image
 
 
 def _as_tensor(name: str, value) -> torch.Tensor | None:
@@ -81,8 +81,7 @@ class Engine:
         shape = check_sample_inputs(background, shape, mask, x_init)
         self.check_background(background)
         init_from = init_image(init, background, x_init, self.c_out)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
-            raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+        check_seed(seed)
         if isinstance(intermediates_every, bool) or not isinstance(intermediates_every, int) or intermediates_every < 1:
             raise ValueError(f"intermediates_every must be an integer >= 1, got {intermediates_every!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -120,10 +119,8 @@ class Engine:
             raise ValueError(f"segments must have positive row counts summing to the batch size {batch}, got {pairs}")
         if batch > self.max_batch:
             raise ValueError(f"segments cover {batch} rows; at most max_batch={self.max_batch} run in one call")
-        for _, seed in pairs:
-            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
-                raise ValueError(f"segment seed must be an integer in [0, 2^63), got {seed!r}")
-        return [(rows, torch.Generator(device=self.runner.device).manual_seed(int(seed))) for rows, seed in pairs]
+        return [(rows, torch.Generator(device=self.runner.device).manual_seed(check_seed(seed, "segment seed")))
+                for rows, seed in pairs]
 
     def _run_chunk(self, table, background, mask, x_init, init_image, part, seed, generator, keep, every):
         dev = self.runner.device

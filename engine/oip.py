@@ -184,7 +184,7 @@ def validate(engine, job: Job) -> None:
     import torch
 
     from .samplers import step_table
-    from .validation import check_sample_inputs
+    from .validation import check_sample_inputs, check_seed
 
     bg = job.background
     t = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
@@ -193,8 +193,7 @@ def validate(engine, job: Job) -> None:
         rows = bg.shape[0] if job.x_init is None else job.x_init.shape[0]
         check_sample_inputs(t(bg), (rows, engine.c_out) + bg.shape[2:], t(job.mask), t(job.x_init))
         step_table(engine.schedule, job.sampler, job.timesteps, job.t_start, job.t_end)
-        if not 0 <= job.seed < 2**63:
-            raise ValueError(f"seed must be an integer in [0, 2^63), got {job.seed}")
+        check_seed(job.seed)
     except ValueError as exc:
         raise ProtocolError(400, str(exc)) from None
 

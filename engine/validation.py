@@ -1,6 +1,7 @@
 """Checks on user inputs to a sampling call; each failure is one ValueError naming the argument."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -14,6 +15,13 @@ def _check_tensor(name: str, value) -> torch.Tensor:
     if not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} contains NaN or inf")
     return value
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """The seed as an int, or ValueError unless it is an integer in [0, 2^63) (a Philox key / generator seed)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+        raise ValueError(f"{name} must be an integer in [0, 2^63), got {seed!r}")
+    return int(seed)
 
 
 def check_shape(shape) -> tuple[int, int, int, int]:

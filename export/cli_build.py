@@ -110,5 +110,9 @@ def run(args) -> int:
         if v:
             print(f"  {name}: max abs error vs PyTorch {v['max_abs_err']:.3g} (tolerance {v['tolerance']:g}, "
                   f"{v['runtime']})")
+    ov = m["artefacts"].get("openvino")
+    if ov and ov["precision"] != "fp32" and not ov["native"]:
+        print(f"  note: this CPU has no native {ov['precision']} (AVX-512 BF16 or AMX), so OpenVINO runs this engine in "
+              f"fp32 here; it runs {ov['precision']} on CPUs that have it")
     sys.stdout.flush()
     return 0

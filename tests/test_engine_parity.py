@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from ddpm_engine.engine import build, load, reference_sample
+from ddpm_engine.export.openvino_build import cpu_supports
 from ddpm_engine.models import load_model
 from ddpm_engine.models.data import synthetic_tile
 
@@ -58,18 +59,27 @@ def test_triton_step_under_the_interpreter_matches_reference_sample(engine_dir, 
     assert err <= 1e-4
 
 
-def test_openvino_fp32_and_bf16_stay_within_their_bounds(model, engine_dir, workload, reference, tmp_path):
+def test_openvino_fp32_matches_reference_sample(engine_dir, workload, reference):
     bg, mask, x_init = workload
     fp32 = load(engine_dir, backend="openvino").sample(bg, mask=mask, x_init=x_init, timesteps=T,
                                                         generator=torch.Generator().manual_seed(0))
+    err32 = (fp32 - reference).abs().max().item()
+    print(f"openvino fp32: max err {err32:.2e}")
+    assert err32 <= 1e-4
+
+
+@pytest.mark.skipif(not cpu_supports("bf16"), reason="this CPU has no native bf16 (AVX-512 BF16 or AMX): OpenVINO "
+                    "would run the bf16 engine in fp32")
+def test_openvino_bf16_stays_within_its_bound(model, workload, reference, tmp_path):
+    bg, mask, x_init = workload
     bf16_dir = tmp_path / "bf16"
     build(model, bf16_dir, backend="openvino", precision="bf16", batch=(1, 2, 4),
           size=((16, 16), (SIZE, SIZE), (64, 64)))
     bf16 = load(bf16_dir).sample(bg, mask=mask, x_init=x_init, timesteps=T, generator=torch.Generator().manual_seed(0))
-    err32, err16 = (fp32 - reference).abs().max().item(), (bf16 - reference).abs().max().item()
+    err16 = (bf16 - reference).abs().max().item()
     rms16 = (bf16 - reference).pow(2).mean().sqrt().item()
-    print(f"openvino fp32: max err {err32:.2e}; bf16: max err {err16:.3f}, rms {rms16:.4f} (data range [-1, 1])")
-    assert err32 <= 1e-4
+    print(f"openvino bf16: max err {err16:.3f}, rms {rms16:.4f} (data range [-1, 1])")
     # bf16 keeps 8 bits of mantissa: 50 steps of the loop amplify its ~4e-3 relative error in eps_hat. The bound
     # is on the normalised [-1, 1] scale (1 unit = half the tile's background range in deg C).
     assert rms16 <= 0.05 and err16 <= 0.5
+    assert err16 > 1e-3  # reduced precision really ran (fp32 stays within 1e-4)

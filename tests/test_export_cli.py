@@ -58,6 +58,7 @@ def test_first_build_output(checkpoint, tmp_path, capsys):
     m = read_manifest(tmp_path / "e")
     assert m["profile"]["batch"] == {"min": 2, "opt": 2, "max": 2}
     assert m["artefacts"]["openvino"]["inference_precision_hint"] == "bf16"
+    assert ("runs this engine in fp32 here" in out) == (not m["artefacts"]["openvino"]["native"])
 
 
 def test_info_pretty_prints_the_manifest(built, capsys):

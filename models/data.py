@@ -89,7 +89,8 @@ class Tile:
     land: torch.Tensor  # 1 = land (no SST at all)
     lo: float
     hi: float
-    truth: torch.Tensor | None = None  # synthetic tiles only
+    truth: torch.Tensor | None = None  # synthetic tiles, and real tiles with pixels hidden under another's clouds
+    scored: torch.Tensor | None = None  # the pixels whose truth is known and scored (None: every mask pixel)
 
 
 def preprocess(viirs: np.ndarray, oisst: np.ndarray) -> Tile:

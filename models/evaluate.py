@@ -1,6 +1,7 @@
-"""Cloud-gap reconstruction on held-out synthetic tiles (CARE-SST's task): RMSE under clouds vs the background alone.
+"""Cloud-gap reconstruction (CARE-SST's task): RMSE under clouds vs the background alone, synthetic or real tiles.
 
-    python -m ddpm_engine.models.evaluate --model sst-small --figure out.png
+    ddpm-engine evaluate --model sst-small --figure out.png
+    ddpm-engine evaluate --real ../shared/data --t-start 0.5 --init background --samples 4
 """
 from __future__ import annotations
 
@@ -25,42 +26,58 @@ def held_out_tiles(n: int = 4, size: int = 64, seed: int = HELD_OUT_SEED) -> lis
 
 
 def _rmse_under_clouds(pred: torch.Tensor, tiles: list[Tile]) -> float:
-    # In deg C, pooled over all cloud pixels of all tiles (each tile has its own normalisation range).
+    # In deg C, pooled over the scored cloud pixels of all tiles (each tile has its own normalisation range).
     sq, count = 0.0, 0
     for p, tile in zip(pred, tiles):
+        scored = tile.mask if tile.scored is None else tile.scored
         err = denormalize(p, tile.lo, tile.hi) - denormalize(tile.truth, tile.lo, tile.hi)
-        sq += float((err**2 * tile.mask).sum())
-        count += int(tile.mask.sum())
+        sq += float((err**2 * scored).sum())
+        count += int(scored.sum())
     return (sq / max(count, 1)) ** 0.5
 
 
 @torch.no_grad()
 def reconstruct(model, tiles: list[Tile], timesteps: int = 100, sampler: str = "ddpm", samples: int = 1,
                 seed: int = 0, t_start: float = 1.0, init: str = "noise") -> torch.Tensor:
-    """Inpaint the cloud pixels with reference_sample; samples > 1 returns the ensemble mean. [N, 1, H, W]."""
+    """Inpaint the cloud pixels, `samples` times per tile: [samples, N, 1, H, W] with known pixels re-pasted.
+
+    model: an nn.Module, sampled with reference_sample (the seed's loop), or a loaded Engine (its parity path,
+    the same noise).
+    """
     background = torch.stack([t.background for t in tiles]).repeat(samples, 1, 1, 1)
     mask = torch.stack([t.mask for t in tiles]).repeat(samples, 1, 1, 1)
     x_init = torch.stack([t.x_init for t in tiles]).repeat(samples, 1, 1, 1)
     gen = torch.Generator().manual_seed(seed)
-    x = reference_sample(model, background, tuple(x_init.shape), mask=mask, x_init=x_init, timesteps=timesteps,
-                         sampler=sampler, generator=gen, t_start=t_start, init=init)
-    x = x.reshape(samples, len(tiles), *x.shape[1:]).mean(0)
+    kwargs = dict(mask=mask, x_init=x_init, timesteps=timesteps, sampler=sampler, generator=gen, t_start=t_start,
+                  init=init)
+    if isinstance(model, torch.nn.Module):
+        x = reference_sample(model, background, tuple(x_init.shape), **kwargs)
+    else:
+        x = model.sample(background, **kwargs)
     # The seed does not re-paste known pixels; a reconstruction product does.
-    return x * mask[: len(tiles)] + x_init[: len(tiles)] * (1 - mask[: len(tiles)])
+    x = x * mask + x_init * (1 - mask)
+    return x.reshape(samples, len(tiles), *x.shape[1:])
 
 
 def evaluate(model, n_tiles: int = 4, size: int = 64, timesteps: int = 100, sampler: str = "ddpm",
-             samples: int = 1, seed: int = 0, t_start: float = 1.0, init: str = "noise") -> dict:
-    """{'rmse_model', 'rmse_background'} in deg C over cloud pixels, plus the tiles and reconstructions."""
-    tiles = held_out_tiles(n_tiles, size)
+             samples: int = 1, seed: int = 0, t_start: float = 1.0, init: str = "noise",
+             tiles: list[Tile] | None = None) -> dict:
+    """RMSE in deg C over scored cloud pixels: the ensemble mean, a single sample, and the background alone.
+
+    tiles: the tiles to score (default: n_tiles held-out synthetic tiles of `size`); see real_data for real ones.
+    Returns {'rmse_model' (mean of the samples), 'rmse_single' (each sample alone, averaged), 'rmse_background',
+    'seconds', 'tiles', 'reconstruction' (the ensemble mean)}.
+    """
+    tiles = held_out_tiles(n_tiles, size) if tiles is None else tiles
     start = time.perf_counter()
     recon = reconstruct(model, tiles, timesteps, sampler, samples, seed, t_start, init)
     return {
-        "rmse_model": _rmse_under_clouds(recon, tiles),
+        "rmse_model": _rmse_under_clouds(recon.mean(0), tiles),
+        "rmse_single": sum(_rmse_under_clouds(r, tiles) for r in recon) / samples,
         "rmse_background": _rmse_under_clouds(torch.stack([t.background for t in tiles]), tiles),
         "seconds": time.perf_counter() - start,
         "tiles": tiles,
-        "reconstruction": recon,
+        "reconstruction": recon.mean(0),
     }
 
 
@@ -89,38 +106,77 @@ def save_figure(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Print both RMSEs; optionally write the figure."""
-    p = argparse.ArgumentParser(prog="python -m ddpm_engine.models.evaluate", description=__doc__.splitlines()[0])
+def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="sst-small", help="preset name, checkpoint directory or CARE-SST .pth")
+    p.add_argument("--engine", help="sample with this built engine directory (its parity path: the same noise as "
+                   "the seed's loop, much faster at 300x300) instead of the eager --model")
+    p.add_argument("--real", metavar="DATA", help="score real tiles: the shared data folder holding sst-clear/ and "
+                   "sst-cloud/ (clear pixels hidden under other tiles' real cloud masks); default: synthetic tiles")
+    p.add_argument("--masks-per-day", type=int, default=2, help="--real: donor cloud masks per clear tile-day "
+                   "(default %(default)s)")
+    p.add_argument("--crop", type=int, default=None, help="--real: score a centre crop of this size (default: "
+                   "the whole 300x300 tile)")
     p.add_argument("--tiles", type=int, default=4, help="held-out synthetic tiles (default %(default)s)")
-    p.add_argument("--size", type=int, default=64, help="tile size in pixels (default %(default)s)")
+    p.add_argument("--size", type=int, default=64, help="synthetic tile size in pixels (default %(default)s)")
     p.add_argument("--timesteps", type=int, default=100, help="sampling steps (default %(default)s)")
-    p.add_argument("--sampler", default="ddpm", help="ddpm or ddim (default %(default)s)")
-    p.add_argument("--samples", type=int, default=1, help="samples per tile; > 1 scores their mean (default 1)")
+    p.add_argument("--sampler", default="ddpm", help="sampler name (default %(default)s)")
+    p.add_argument("--samples", type=int, default=1, help="samples per tile; > 1 also scores their mean (default 1)")
     p.add_argument("--t-start", type=float, default=1.0, help="first time of the loop (default %(default)s)")
     p.add_argument("--init", default="noise", help="noise, or background: start from diffuse(background, t_start), "
                    "as CARE-SST's partial-noise runs (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling noise seed (default %(default)s)")
     p.add_argument("--figure", help="write observed | background | reconstruction | truth to this PNG")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = p.parse_args(argv)
+
+
+def register(subparsers) -> None:
+    """Add `ddpm-engine evaluate`."""
+    p = subparsers.add_parser(
+        "evaluate", help="score cloud-gap reconstruction (RMSE in deg C) against the background alone",
+        description="Reconstruct SST under clouds and print the RMSE over pixels with known truth, in deg C, for "
+        "the ensemble mean, a single sample and the background alone. Synthetic held-out tiles by default; with "
+        "--real, real VIIRS tiles whose clear pixels are hidden under other tiles' real cloud masks.")
+    _add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate and print one line of RMSEs; optionally write the figure."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        r = evaluate(load_model(args.model), args.tiles, args.size, args.timesteps, args.sampler, args.samples,
-                     args.seed, args.t_start, args.init)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"evaluate: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"RMSE under clouds ({args.tiles} tiles {args.size}x{args.size}, {args.sampler} {args.timesteps} steps "
-          f"from t={args.t_start} ({args.init}), "
-          f"{args.samples} sample(s)): model {r['rmse_model']:.4f} C, background only {r['rmse_background']:.4f} C "
-          f"[{r['seconds']:.1f} s]")
+    if args.samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    if args.real:
+        from .real_data import holdout_real_tiles
+
+        named = holdout_real_tiles(args.real, args.masks_per_day, args.crop)
+        tiles, what = [t for _, t in named], f"{len(named)} real tile-days x masks"
+    else:
+        tiles, what = held_out_tiles(args.tiles, args.size), f"{args.tiles} synthetic tiles"
+    if args.engine:
+        from ..engine.api import load
+
+        model = load(args.engine)
+    else:
+        model = load_model(args.model)
+    r = evaluate(model, timesteps=args.timesteps, sampler=args.sampler, samples=args.samples, seed=args.seed,
+                 t_start=args.t_start, init=args.init, tiles=tiles)
+    size = "x".join(map(str, tiles[0].mask.shape[1:]))
+    print(f"RMSE under clouds ({what}, {size}, {args.sampler} {args.timesteps} steps from t={args.t_start} "
+          f"({args.init}), {args.samples} sample(s)): mean {r['rmse_model']:.4f} C, single sample "
+          f"{r['rmse_single']:.4f} C, background only {r['rmse_background']:.4f} C, ratio (mean / background) "
+          f"{r['rmse_model'] / r['rmse_background']:.3f} [{r['seconds']:.1f} s]")
     if args.figure:
         save_figure(r, args.figure)
         print(f"figure -> {args.figure}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ddpm_engine.models.evaluate`: the same as `ddpm-engine evaluate`."""
+    from ..engine.cli import main as cli_main
+
+    return cli_main(["evaluate", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Shared pytest setup: the Triton interpreter on CPU, GPU-marker skips, and a small engine to share."""
 import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +29,19 @@ def pytest_collection_modifyitems(config, items):
         for marker, skip in skips.items():
             if marker in item.keywords:
                 item.add_marker(skip)
+
+
+# The project's shared real SST tiles (read at run time, never copied into the repository): ../shared/data beside
+# the clone, as the developers' machines and CI lay it out.
+SHARED_DATA = Path(os.environ.get("DDPM_ENGINE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared/data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """The shared data folder (sst-clear/, sst-cloud/), or a skip that says where it was looked for."""
+    if not (SHARED_DATA / "sst-cloud" / "viirs").is_dir():
+        pytest.skip(f"real SST tiles not found under {SHARED_DATA} (set DDPM_ENGINE_SHARED_DATA)")
+    return SHARED_DATA
 
 
 @pytest.fixture

@@ -1,7 +1,4 @@
 """Synthetic SST tiles look like the real VIIRS/OISST tiles; CARE-SST preprocessing and its inverse."""
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -11,9 +8,6 @@ from ddpm_engine.models.data import (background_for, cloud_mask, denormalize, lo
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
-REAL = Path(os.environ.get("DDPM_ENGINE_SST_DATA", Path(__file__).resolve().parents[2] / "shared/data/sst-cloud"))
 
 
 def _stats(a, ok=None):
@@ -26,10 +20,8 @@ def _stats(a, ok=None):
 
 
 @pytest.fixture(scope="module")
-def real():
-    if not (REAL / "viirs").is_dir():
-        pytest.skip(f"real SST tiles not found at {REAL} (set DDPM_ENGINE_SST_DATA)")
-    return load_real_tiles(REAL)
+def real(shared_data):
+    return load_real_tiles(shared_data / "sst-cloud")
 
 
 def _mean_stats(list_of_stats):

@@ -1,0 +1,79 @@
+"""Scoring on real SST: clear VIIRS pixels hidden under another tile's real cloud mask (shared/data/README.md).
+
+Real truth under real clouds does not exist, so each case takes a nearly clear VIIRS tile-day (the target),
+lays a real cloud mask from a cloudy tile (the donor) over it, and scores only the clear pixels it hid.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import CLOUD, LAND, Tile, normalize, preprocess
+
+
+def _load(path: Path) -> np.ndarray:
+    return np.load(path, allow_pickle=False).astype(np.float32)
+
+
+def clear_tile_days(root: str | Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, viirs [H, W], oisst [H, W]) per day of every sst-clear tile; OISST resized bilinearly to the tile."""
+    root = Path(root) / "sst-clear"
+    days = []
+    for v in sorted((root / "viirs").glob("*_viirs_*.npy")):
+        o = root / "oisst" / v.name.replace("_viirs_", "_oisst_")
+        if not o.exists():
+            raise FileNotFoundError(f"no OISST tile {o} for {v}")
+        viirs, oisst = _load(v), _load(o)
+        if viirs.ndim != 3 or oisst.ndim != 3:
+            raise ValueError(f"{v} and {o} must be [H, W, days] and [h, w, 1] arrays, got {viirs.shape} and {oisst.shape}")
+        # OISST is at its native 0.25 degrees here: resize it to the VIIRS grid, as the cloudy tiles already are.
+        grid = torch.from_numpy(oisst[..., 0])[None, None]
+        background = F.interpolate(grid, size=viirs.shape[:2], mode="bilinear", align_corners=False)[0, 0].numpy()
+        days += [(f"{v.stem}_day{d}", viirs[..., d], background) for d in range(viirs.shape[2])]
+    if not days:
+        raise FileNotFoundError(f"no clear VIIRS tiles (*_viirs_*.npy) under {root / 'viirs'}")
+    return days
+
+
+def cloud_masks(root: str | Path) -> list[tuple[str, np.ndarray]]:
+    """(name, bool mask, True on cloud) of every sst-cloud VIIRS tile: the real masks laid over clear tiles."""
+    files = sorted((Path(root) / "sst-cloud" / "viirs").glob("*_viirs_*.npy"))
+    if not files:
+        raise FileNotFoundError(f"no cloudy VIIRS tiles under {Path(root) / 'sst-cloud' / 'viirs'}")
+    return [(f.stem, _load(f) == CLOUD) for f in files]
+
+
+def hide_under_mask(viirs: np.ndarray, oisst: np.ndarray, donor: np.ndarray) -> Tile:
+    """A Tile whose `scored` pixels are the clear pixels of `viirs` under the donor's clouds, with their truth."""
+    valid = (viirs != CLOUD) & (viirs > LAND + 0.5)
+    hidden = donor & valid
+    tile = preprocess(np.where(hidden, CLOUD, viirs), oisst)  # the target's own clouds stay cloud too
+    tile.truth = torch.from_numpy(np.where(valid, normalize(viirs, tile.lo, tile.hi), tile.background[0].numpy()))[None]
+    tile.scored = torch.from_numpy(hidden.astype(np.float32))[None]
+    return tile
+
+
+def holdout_real_tiles(root: str | Path, masks_per_day: int = 2, crop: int | None = None) -> list[tuple[str, Tile]]:
+    """Every clear tile-day under `masks_per_day` different donor masks (round robin), optionally a centre crop.
+
+    A crop keeps tests and quick studies small; it is taken before preprocessing, so the normalisation range is
+    the crop's own background range, as for a tile of that size.
+    """
+    days, masks = clear_tile_days(root), cloud_masks(root)
+    if not 1 <= masks_per_day <= len(masks):
+        raise ValueError(f"masks_per_day must be in [1, {len(masks)}] (the cloudy tiles under {root}), got {masks_per_day}")
+    cases = []
+    for k, (name, viirs, oisst) in enumerate(days):
+        for j in range(masks_per_day):
+            donor_name, donor = masks[(k * masks_per_day + j) % len(masks)]
+            v, o, m = viirs, oisst, donor
+            if crop is not None:
+                if not 8 <= crop <= min(viirs.shape):
+                    raise ValueError(f"crop must be in [8, {min(viirs.shape)}], got {crop}")
+                i, jj = (viirs.shape[0] - crop) // 2, (viirs.shape[1] - crop) // 2
+                v, o, m = (a[i:i + crop, jj:jj + crop] for a in (viirs, oisst, donor))
+            cases.append((f"{name}+{donor_name.split('_viirs_')[-1]}", hide_under_mask(v, o, m)))
+    return cases

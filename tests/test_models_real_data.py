@@ -1,0 +1,82 @@
+"""Real-tile scoring: clear pixels hidden under other tiles' real cloud masks, scored on those pixels only."""
+import numpy as np
+import pytest
+import torch
+
+from ddpm_engine.engine.cli import main
+from ddpm_engine.models.data import CLOUD, denormalize
+from ddpm_engine.models.evaluate import _rmse_under_clouds
+from ddpm_engine.models.real_data import clear_tile_days, cloud_masks, hide_under_mask, holdout_real_tiles
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+
+def test_clear_tile_days_pair_each_day_with_its_resized_background(shared_data):
+    days = clear_tile_days(shared_data)
+    assert len(days) == 4  # two nearly clear tiles, two days each
+    for name, viirs, oisst in days:
+        assert viirs.shape == oisst.shape == (300, 300)
+        sea = viirs > 0
+        assert sea.mean() > 0.9  # nearly clear
+        # The resized OISST is a background for the same water: within a few degrees everywhere.
+        assert np.abs(viirs[sea] - oisst[sea]).mean() < 1.5, name
+
+
+def test_hidden_pixels_are_scored_with_their_truth_and_never_shown_to_the_model():
+    rng = np.random.default_rng(0)
+    viirs = rng.uniform(10, 20, (16, 16)).astype(np.float32)
+    viirs[0, :4] = CLOUD  # the target's own clouds: masked, but without truth, so not scored
+    donor = np.zeros((16, 16), bool)
+    donor[:8] = True
+    tile = hide_under_mask(viirs, np.full((16, 16), 15.0, np.float32), donor)
+    hidden = torch.from_numpy(donor)[None].clone()
+    hidden[0, 0, :4] = False
+    assert torch.equal(tile.scored.bool(), hidden)
+    assert torch.equal(tile.mask.bool(), torch.from_numpy(donor)[None])  # own clouds lie inside the donor's here
+    truth_c = denormalize(tile.truth, tile.lo, tile.hi)
+    assert torch.allclose(truth_c[hidden], torch.from_numpy(viirs)[None][hidden], atol=1e-4)
+    # What the model sees under the mask is the background, not the hidden truth.
+    assert torch.equal(tile.x_init[tile.mask.bool()], tile.background[tile.mask.bool()])
+
+
+def test_holdout_cases_use_distinct_real_masks_and_hide_a_real_fraction(shared_data):
+    cases = holdout_real_tiles(shared_data, masks_per_day=2, crop=64)
+    names = [n for n, _ in cases]
+    assert len(cases) == 8 and len(set(names)) == 8
+    masks = {n: m for n, m in cloud_masks(shared_data)}
+    assert len(masks) == 9
+    for _, tile in cases:
+        assert tile.mask.shape == (1, 64, 64)
+        assert tile.scored.mean().item() > 0.1
+        assert torch.all(tile.mask >= tile.scored)
+    pooled = np.mean([tile.scored.mean().item() for _, tile in cases])
+    assert 0.4 < pooled < 0.95  # real cloud cover of the donors is 46-79 % over whole tiles
+    with pytest.raises(ValueError, match="masks_per_day must be in"):
+        holdout_real_tiles(shared_data, masks_per_day=10)
+    with pytest.raises(ValueError, match="crop must be in"):
+        holdout_real_tiles(shared_data, crop=400)
+
+
+def test_rmse_counts_only_scored_pixels_not_the_targets_own_clouds():
+    rng = np.random.default_rng(1)
+    viirs = rng.uniform(10, 20, (16, 16)).astype(np.float32)
+    viirs[:4, :4] = CLOUD  # own clouds, no truth there
+    donor = np.zeros((16, 16), bool)
+    donor[:8] = True
+    tile = hide_under_mask(viirs, np.full((16, 16), 15.0, np.float32), donor)
+    pred = tile.truth.clone()
+    pred[0, :4, :4] = 5.0  # anything at all where nothing is known
+    assert _rmse_under_clouds(pred[None], [tile]) == 0.0
+    pred[0, 6, 6] += 0.1  # one scored pixel off
+    assert _rmse_under_clouds(pred[None], [tile]) > 0.0
+
+
+def test_evaluate_cli_on_real_crops_prints_every_rmse(shared_data, capsys):
+    code = main(["evaluate", "--real", str(shared_data), "--crop", "32", "--masks-per-day", "1", "--timesteps", "3",
+                 "--samples", "2", "--t-start", "0.5", "--init", "background"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "4 real tile-days x masks, 32x32" in out
+    for part in ("mean ", "single sample ", "background only ", "ratio (mean / background) "):
+        assert part in out, out

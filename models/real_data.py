@@ -77,3 +77,43 @@ def holdout_real_tiles(root: str | Path, masks_per_day: int = 2, crop: int | Non
                 v, o, m = (a[i:i + crop, jj:jj + crop] for a in (viirs, oisst, donor))
             cases.append((f"{name}+{donor_name.split('_viirs_')[-1]}", hide_under_mask(v, o, m)))
     return cases
+
+
+class RealCrops:
+    """Random nearly clear crops of real tiles for training, normalised by each whole tile's background range.
+
+    Built from the sst-cloud tiles only: the scored cases (holdout_real_tiles) come from the sst-clear tiles, so a
+    tile used for training is never scored. Crops are taken where at least `min_clear` of the pixels are clear;
+    the remaining gaps take the background value and are left out of the loss through the `valid` mask.
+    """
+
+    def __init__(self, root: str | Path, crop: int, min_clear: float = 0.95, stride: int = 4):
+        from .data import load_real_tiles
+
+        self.crop = crop
+        self.names, self.x0, self.bg, self.valid, self.corners = [], [], [], [], []
+        for name, viirs, oisst in load_real_tiles(Path(root) / "sst-cloud"):
+            tile = preprocess(viirs, oisst)
+            valid = 1.0 - tile.mask[0].numpy() - tile.land[0].numpy()
+            windows = np.lib.stride_tricks.sliding_window_view(valid, (crop, crop))[::stride, ::stride]
+            ii, jj = np.nonzero(windows.mean(axis=(2, 3)) >= min_clear)
+            self.corners += [(len(self.x0), i * stride, j * stride) for i, j in zip(ii, jj)]
+            self.names.append(name)
+            self.x0.append(tile.x_init[0].numpy())
+            self.bg.append(tile.background[0].numpy())
+            self.valid.append(valid.astype(np.float32))
+        if not self.corners:
+            raise ValueError(f"no {crop}x{crop} crop of the tiles under {root}/sst-cloud is {min_clear:.0%} clear")
+
+    def batch(self, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x0, background, valid), each [n, 1, crop, crop], each crop in a random one of the 8 flips/rotations."""
+        out = []
+        for k in rng.integers(0, len(self.corners), n):
+            t, i, j = self.corners[k]
+            rot, flip = rng.integers(0, 4), rng.integers(0, 2)
+            crops = []
+            for a in (self.x0[t], self.bg[t], self.valid[t]):
+                c = np.rot90(a[i:i + self.crop, j:j + self.crop], rot)
+                crops.append(np.ascontiguousarray(c[:, ::-1] if flip else c))
+            out.append(crops)
+        return tuple(torch.from_numpy(np.stack(parts))[:, None] for parts in zip(*out))

@@ -16,7 +16,8 @@ from tqdm import tqdm
 from ..engine.schedule import CosineSchedule, diffuse
 from .checkpoint import STATE, save_checkpoint, save_torch
 from .data import training_batch
-from .registry import PRESETS, build_model
+from .real_data import RealCrops
+from .registry import PRESETS, build_model, load_model
 
 
 @dataclass
@@ -35,6 +36,9 @@ class TrainConfig:
     max_minutes: float = 25.0  # wall-time cap; whichever of max_steps / max_minutes comes first
     save_every: int = 250
     seed: int = 0
+    real: str = ""  # shared data folder: mix nearly clear crops of its real sst-cloud tiles into every batch
+    real_fraction: float = 0.5  # the share of each batch that is real crops (with `real`)
+    init_from: str = ""  # start from these weights (a preset name or checkpoint directory): fine-tuning
 
 
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -44,12 +48,18 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
             e.lerp_(p, 1.0 - decay)
 
 
-def diffusion_loss(model, x0, background, schedule: CosineSchedule, generator=None) -> torch.Tensor:
-    """The seed's loss: t ~ U(0, 1), x_t = diffuse(x0, t, eps), MSE(model([x_t, background], t), eps)."""
+def diffusion_loss(model, x0, background, schedule: CosineSchedule, generator=None, valid=None) -> torch.Tensor:
+    """The seed's loss: t ~ U(0, 1), x_t = diffuse(x0, t, eps), MSE(model([x_t, background], t), eps).
+
+    valid: 1 where x0 is observed, 0 in gaps of real tiles (filled with the background): the MSE over valid pixels.
+    """
     t = torch.rand(x0.shape[0], generator=generator)
     eps = torch.randn(x0.shape, generator=generator)
     x_t = diffuse(x0, t, eps, schedule)
-    return F.mse_loss(model(torch.cat([x_t, background], dim=1), t), eps)
+    pred = model(torch.cat([x_t, background], dim=1), t)
+    if valid is None:
+        return F.mse_loss(pred, eps)
+    return ((pred - eps) ** 2 * valid).sum() / valid.sum().clamp(min=1.0)
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -67,11 +77,17 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
         raise ValueError(f"unknown preset {cfg.preset!r}; must be one of {sorted(PRESETS)}")
     if cfg.size < 8 or not 8 <= cfg.crop <= cfg.size or cfg.batch < 1 or cfg.max_steps < 1 or cfg.max_minutes <= 0:
         raise ValueError("need 8 <= crop <= size, batch >= 1, max_steps >= 1 and max_minutes > 0")
+    if not 0.0 <= cfg.real_fraction <= 1.0:
+        raise ValueError(f"real_fraction must be in [0, 1], got {cfg.real_fraction}")
+    n_real = round(cfg.batch * cfg.real_fraction) if cfg.real else 0
+    crops = RealCrops(cfg.real, cfg.crop) if n_real else None
     out_dir = Path(out_dir)
     preset = {**PRESETS[cfg.preset]}
     preset["model"] = {**preset["model"], **(model_overrides or {})}
     torch.manual_seed(cfg.seed)
     model = build_model(preset["arch"], **preset["model"])
+    if cfg.init_from:
+        model.load_state_dict(load_model(cfg.init_from).state_dict())  # strict: the preset's shapes must match
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, elapsed, losses = 0, 0.0, []
@@ -106,10 +122,16 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
     summary = None
     while step < cfg.max_steps and elapsed < cfg.max_minutes * 60:
         # Data seeded by (seed, step): a resumed run sees the batches the uninterrupted one would have.
-        x0, bg = training_batch(np.random.default_rng([cfg.seed, step]), cfg.batch, cfg.size, cfg.crop)
+        rng = np.random.default_rng([cfg.seed, step])
+        x0, bg = training_batch(rng, cfg.batch - n_real, cfg.size, cfg.crop)
+        valid = None
+        if crops is not None:
+            rx0, rbg, rvalid = crops.batch(rng, n_real)
+            x0, bg = torch.cat([x0, rx0]), torch.cat([bg, rbg])
+            valid = torch.cat([torch.ones_like(x0[: cfg.batch - n_real]), rvalid])
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        loss = diffusion_loss(model, x0, bg, schedule, gen)
+        loss = diffusion_loss(model, x0, bg, schedule, gen, valid)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -152,6 +174,13 @@ def register(subparsers) -> None:
     p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint interval in steps (default %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for weights, data and noise (default %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--real", default=d.real, metavar="DATA", help="the shared data folder: train also on nearly clear "
+                   "crops of its real sst-cloud tiles (loss on observed pixels only; the sst-clear tiles that "
+                   "`ddpm-engine evaluate --real` scores are never trained on)")
+    p.add_argument("--real-fraction", type=float, default=d.real_fraction,
+                   help="with --real: the share of each batch that is real crops (default %(default)s)")
+    p.add_argument("--init-from", default=d.init_from, metavar="MODEL",
+                   help="fine-tune: start from these weights (preset name or checkpoint directory)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT holds a run")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

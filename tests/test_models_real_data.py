@@ -6,7 +6,7 @@ import torch
 from ddpm_engine.engine.cli import main
 from ddpm_engine.models.data import CLOUD, denormalize
 from ddpm_engine.models.evaluate import _rmse_under_clouds
-from ddpm_engine.models.real_data import clear_tile_days, cloud_masks, hide_under_mask, holdout_real_tiles
+from ddpm_engine.models.real_data import RealCrops, clear_tile_days, cloud_masks, hide_under_mask, holdout_real_tiles
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -80,3 +80,51 @@ def test_evaluate_cli_on_real_crops_prints_every_rmse(shared_data, capsys):
     assert "4 real tile-days x masks, 32x32" in out
     for part in ("mean ", "single sample ", "background only ", "ratio (mean / background) "):
         assert part in out, out
+
+
+def test_real_training_crops_come_from_tiles_that_are_never_scored(shared_data):
+    crops = RealCrops(shared_data, crop=32)
+    scored = {name.split("_day")[0] for name, _, _ in clear_tile_days(shared_data)}
+    assert len(crops.names) == 9 and not set(crops.names) & scored
+    x0, bg, valid = crops.batch(np.random.default_rng(0), 16)
+    assert x0.shape == bg.shape == valid.shape == (16, 1, 32, 32)
+    assert (valid.mean(dim=(1, 2, 3)) >= 0.95).all()
+    # Gaps hold the background, and crops keep the whole tile's normalisation (values within [-1.5, 1.5]).
+    assert torch.equal(x0[valid == 0], bg[valid == 0]) and x0.abs().max() < 1.5
+
+
+def test_masked_loss_ignores_gap_pixels():
+    from ddpm_engine.engine.schedule import CosineSchedule
+    from ddpm_engine.models.train import diffusion_loss
+
+    class Echo(torch.nn.Module):
+        """Predicts the noise exactly on the left half, and garbage on the right half."""
+
+        def forward(self, x, t):
+            out = torch.full_like(x[:, :1], 7.0)
+            out[..., :4] = eps[..., :4]
+            return out
+
+    x0, bg = torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8)
+    valid = torch.zeros_like(x0)
+    valid[..., :4] = 1.0
+    # diffusion_loss draws t then eps from the generator: replay that draw so Echo knows eps.
+    g = torch.Generator().manual_seed(5)
+    torch.rand(2, generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    assert diffusion_loss(Echo(), x0, bg, CosineSchedule(), torch.Generator().manual_seed(5), valid).item() == 0.0
+    assert diffusion_loss(Echo(), x0, bg, CosineSchedule(), torch.Generator().manual_seed(5)).item() > 1.0
+
+
+def test_fine_tuning_on_real_crops_starts_from_the_given_weights(shared_data, tmp_path):
+    from ddpm_engine.models import load_model
+    from ddpm_engine.models.train import TrainConfig, train
+
+    cfg = TrainConfig(max_steps=2, batch=4, real=str(shared_data), real_fraction=0.5, init_from="sst-small", lr=1e-9,
+                      warmup=1)
+    summary = train(cfg, tmp_path / "ft", progress=False)
+    assert summary["train"]["real"] == str(shared_data) and summary["step"] == 2
+    before, after = load_model("sst-small").state_dict(), load_model(str(tmp_path / "ft")).state_dict()
+    assert all(torch.allclose(before[k], after[k], atol=1e-5) for k in before)  # lr ~ 0: still the start weights
+    with pytest.raises(ValueError, match="real_fraction must be in"):
+        train(TrainConfig(real=str(shared_data), real_fraction=1.5), tmp_path / "bad", progress=False)

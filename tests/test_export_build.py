@@ -21,13 +21,6 @@ COMBOS = [("onnxruntime", "fp32"), ("openvino", "fp32"), ("onnxruntime", "bf16")
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
-def _care_sst_small():
-    from ddpm_engine.models import build_model
-
-    torch.manual_seed(0)
-    return build_model("care-sst", c_in=2, c_out=1, dim=8, embed_dim=16, heads=1, dim_head=8).eval()
-
-
 def _tiny():
     torch.manual_seed(0)
     return TinyUNet().eval()
@@ -59,7 +52,8 @@ def _bundled():
 
 @pytest.fixture(scope="module", params=["tiny-standin", "care-sst-dim8", "sst-small"])
 def engines(request, tmp_path_factory):
-    model = {"tiny-standin": _tiny, "care-sst-dim8": _care_sst_small, "sst-small": _bundled}[request.param]()
+    model = _bundled() if request.param == "sst-small" else request.getfixturevalue(
+        {"tiny-standin": "tiny", "care-sst-dim8": "care_sst_small"}[request.param])
     directory = tmp_path_factory.mktemp(request.param) / "engine"
     return request.param, model, directory, _build_all(model, directory)
 

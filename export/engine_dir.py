@@ -50,7 +50,10 @@ def restore_set_aside(target: Path) -> Path | None:
         return None
     for old in _stale(target, OLD_TAG):
         if (old / MANIFEST).is_file():
-            os.rename(old, target)
+            try:
+                os.rename(old, target)
+            except OSError:  # another process restored it first, or the directory is read-only
+                return None
             return target
     return None
 
@@ -71,7 +74,7 @@ def clean_stale_staging(target: Path) -> list[Path]:
 
 @contextlib.contextmanager
 def staging_dir(target: str | os.PathLike):
-    """Yield a fresh directory beside `target`; on success it replaces `target` by rename, on any exception it is
+    """Yield a fresh directory beside `target`; on success commit_staging swaps it in, on any exception it is
     deleted. A killed build leaves only a dot-named staging dir (never `target` half-written), which the next
     build of the same target removes."""
     target = Path(target)

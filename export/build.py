@@ -13,7 +13,7 @@ from typing import Callable
 
 from ddpm_engine.engine.errors import EngineError, EngineFileError
 
-from .engine_dir import check_engine_dir, hash_files, staging_dir, verify_files
+from .engine_dir import check_engine_dir, clean_stale_staging, hash_files, staging_dir, verify_files
 from .manifest import (BACKENDS, FORMAT, FORMAT_VERSION, gpu_info, library_versions, read_manifest, sha256_json,
                        write_manifest)
 from .model_source import describe_model, resolve_model, save_model_checkpoint
@@ -265,6 +265,7 @@ def build(
     keys = _stage_keys(desc, profile, precision, io_precision, backend, opset, dynamic_hw, external_data_threshold,
                        trt_settings, verify, tolerance, libs, gpu, simplify)
 
+    clean_stale_staging(out_dir)  # also on a cache hit; puts back an engine a killed build had set aside
     old = None
     if out_dir.is_dir() and (out_dir / "engine.json").is_file():
         try:

@@ -100,6 +100,10 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     path = directory / MANIFEST
     rebuild = f"rebuild it with `ddpm-engine build MODEL -o {directory}`"
     if not directory.exists():
+        from .engine_dir import restore_set_aside
+
+        restore_set_aside(directory)  # a build killed mid-swap (no atomic exchange here) set the engine aside
+    if not directory.exists():
         raise EngineFileError(f"engine directory {directory} does not exist; build it with "
                               f"`ddpm-engine build MODEL -o {directory}`")
     if not directory.is_dir():

@@ -59,6 +59,22 @@ def tiny():
     return TinyUNet().eval()
 
 
+@pytest.fixture(scope="module")
+def care_sst_small():
+    """An untrained CARE-SST U-Net at dim 8 (LayerNorm, GRN, linear attention with memory key/values, full
+    attention, ConvTranspose): the real architecture, small enough for export tests in seconds."""
+    from ddpm_engine.models import build_model
+
+    torch.manual_seed(0)
+    return build_model("care-sst", c_in=2, c_out=1, dim=8, embed_dim=16, heads=1, dim_head=8).eval()
+
+
+@pytest.fixture(scope="module", params=["standin", "care-sst"])
+def export_net(request):
+    """(name, model): each export/precision test that takes it runs on the stand-in and on CARE-SST."""
+    return request.param, request.getfixturevalue("tiny" if request.param == "standin" else "care_sst_small")
+
+
 @pytest.fixture(scope="session")
 def tiny_engine_dir(tmp_path_factory):
     """An onnxruntime engine of an untrained CARE-SST U-Net at dim 8: batch 1..4, sizes 8x8..32x32."""

@@ -1,17 +1,13 @@
 """An independent implementation of the seed's sampling loop, written out longhand as the seed does it.
 
 Float32 tensors; schedule values as Python floats (float64, as DESIGN requires). Shared by the tests of
-the step tables, the reference loop and the fused step, which must all reproduce it.
+the step tables, the reference loop and the fused step, which must all reproduce it. Nothing here uses the
+engine: the cosine schedule, the steps and the toy model are all spelled out below.
 """
 import math
 
 import numpy as np
 import torch
-
-from ddpm_engine.engine import CosineSchedule
-
-SCHED = CosineSchedule()
-
 
 
 def abar(t: float) -> float:
@@ -35,33 +31,53 @@ def seed_ddim_step(x, t, t_prev, eps_hat, z):
     return a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps_hat
 
 
+def song_ddim_eta_step(x, t, t_prev, eps_hat, z, eta):
+    """DDIM with stochasticity eta, from Song et al. 2021 ("Denoising Diffusion Implicit Models"), eqs. 12 and 16.
+
+    eq. 16: sigma_t(eta) = eta sqrt((1 - a_{t-1}) / (1 - a_t)) sqrt(1 - a_t / a_{t-1})
+    eq. 12: x_{t-1} = sqrt(a_{t-1}) (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)      ("predicted x0")
+                      + sqrt(1 - a_{t-1} - sigma_t^2) eps                       ("direction pointing to x_t")
+                      + sigma_t z                                               (random noise)
+    The paper's a_0 = 1 makes sigma vanish on the step to t = 0; here a(0) is clamped to 0.9999, so, as the
+    seed does for DDPM, that step adds no noise (z is still drawn).
+    """
+    a, a_prev = abar(t), abar(t_prev)
+    sigma = eta * math.sqrt((1 - a_prev) / (1 - a)) * math.sqrt(1 - a / a_prev)
+    x0_pred = (x - math.sqrt(1 - a) * eps_hat) / math.sqrt(a)
+    direction = math.sqrt(1 - a_prev - sigma**2) * eps_hat
+    return math.sqrt(a_prev) * x0_pred + direction + sigma * z * float(t_prev != 0)
+
+
 def toy_model(x_cat, t):
     """A stand-in denoiser: the noise that would explain x around a guess of x0 from the background.
 
     Nonlinear in x, the background and t, and stable (the samples stay O(1), as with a trained model).
     """
     x, bg = x_cat[:, :1], x_cat[:, 1:]
-    a = torch.from_numpy(SCHED.alpha_cumprod(t.double().numpy())).float().view(-1, 1, 1, 1)
+    a = torch.tensor([abar(v) for v in t.tolist()], dtype=torch.float32).view(-1, 1, 1, 1)
     x0_guess = torch.tanh(bg + 0.1 * x)
     return (x - a.sqrt() * x0_guess) / (1 - a).sqrt()
 
 
-def draw_seed_noises(generator, shape, T, masked, sampler):
-    """x_T, then per step (eps1 if masked, eps2 if DDPM): the seed's order of randn calls."""
+def draw_seed_noises(generator, shape, T, masked, sampler, eta=0.0):
+    """x_T, then per step (eps1 if masked, eps2 if DDPM or DDIM with eta > 0): the seed's order of randn calls."""
     x_T = torch.randn(shape, generator=generator)
     noises = []
     for _ in range(T):
         eps1 = torch.randn(shape, generator=generator) if masked else None
-        eps2 = torch.randn(shape, generator=generator) if sampler == "ddpm" else None
+        eps2 = torch.randn(shape, generator=generator) if sampler == "ddpm" or eta > 0 else None
         noises.append((eps1, eps2))
     return x_T, noises
 
 
-def run_longhand(sampler, T, t_start, t_end, x_T, noises, bg, mask, x_init, tau=1.0, intermediates=None):
-    """The seed's loop from x_T; `noises[i]` = (eps1, eps2) of step i; appends each state to `intermediates`."""
+def run_longhand(sampler, T, t_start, t_end, x_T, noises, bg, mask, x_init, tau=1.0, intermediates=None, eta=0.0):
+    """The seed's loop from x_T; `noises[i]` = (eps1, eps2) of step i; appends each state to `intermediates`.
+    DDIM with eta > 0 takes Song et al.'s step in place of the seed's eta = 0 one."""
     grid = np.linspace(t_start, t_end, T + 1)
     grid[-1] = t_end
     step = seed_ddpm_step if sampler == "ddpm" else seed_ddim_step
+    if sampler == "ddim" and eta > 0:
+        step = lambda x, t, t_prev, eps_hat, z: song_ddim_eta_step(x, t, t_prev, eps_hat, z, eta)  # noqa: E731
     x = x_T
     for i in range(T):
         if mask is not None and i < tau * T:

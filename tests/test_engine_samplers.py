@@ -83,11 +83,12 @@ def run_table(table, x_T, noises, bg, mask, x_init):
     return x
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.4), ("ddim", 1.0)])
 @pytest.mark.parametrize("T", [50, 300])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("t_range", [(1.0, 0.0), (0.7, 0.2)])
-def test_table_reproduces_the_seed_updates_longhand(sampler, T, masked, t_range):
+def test_table_reproduces_the_seed_updates_longhand(sampler, eta, T, masked, t_range):
+    # eta > 0: against DDIM with stochasticity written out from Song et al. 2021 (seed_longhand.py).
     g = torch.Generator().manual_seed(T + masked)
     shape = (2, 1, 9, 7)
     bg = torch.rand(shape, generator=g) * 2 - 1
@@ -95,8 +96,8 @@ def test_table_reproduces_the_seed_updates_longhand(sampler, T, masked, t_range)
     mask = (torch.rand(1, 1, 9, 7, generator=g) > 0.5).float() if masked else None
     x_T = torch.randn(shape, generator=g)
     noises = [(torch.randn(shape, generator=g), torch.randn(shape, generator=g)) for _ in range(T)]
-    table = step_table(SCHED, sampler, T, *t_range)
-    expected = run_longhand(sampler, T, *t_range, x_T, noises, bg, mask, x_init)
+    table = step_table(SCHED, sampler, T, *t_range, eta=eta)
+    expected = run_longhand(sampler, T, *t_range, x_T, noises, bg, mask, x_init, eta=eta)
     got = run_table(table, x_T, noises, bg, mask, x_init)
     assert expected.abs().max() > 0.1
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=0, atol=3e-6)  # float32 rows: measured at most 2.0e-6

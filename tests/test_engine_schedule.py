@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_engine.engine import CosineSchedule, diffuse
+from ddpm_engine.engine import CosineSchedule, diffuse, step_table
 
 
 def unclamped(t, s=0.008):
@@ -50,9 +50,32 @@ def test_schedule_is_float64_for_tensors_and_arrays():
     out = sched.alpha_cumprod(t32)
     assert out.dtype == torch.float64
     assert sched.alpha_cumprod(np.array([0.0, 1.0])).dtype == np.float64
-    # 1 - abar stays non-zero, which fp16/bf16 would lose (0.9999 rounds to 1 there).
     assert 1 - out[0].item() == pytest.approx(1e-4)
-    assert torch.tensor(0.9999, dtype=torch.bfloat16).item() == 1.0
+
+
+@pytest.mark.parametrize("t", [torch.linspace(0, 1, 301).bfloat16(), torch.linspace(0, 1, 301).half(),
+                               np.linspace(0, 1, 301).astype(np.float16)], ids=["torch-bf16", "torch-fp16", "numpy-fp16"])
+def test_low_precision_times_are_evaluated_in_float64(t):
+    # Times may arrive in 16 bits; the schedule at exactly those times is still computed in float64, so 1 - abar
+    # keeps its 1e-4 at the clamp (in fp16/bf16 0.9999 rounds to 1 and 1 - abar vanishes).
+    out = CosineSchedule().alpha_cumprod(t)
+    assert out.dtype in (torch.float64, np.float64)
+    times = [float(v) for v in t]
+    assert [float(v) for v in out] == pytest.approx([min(max(unclamped(v), 1e-4), 0.9999) for v in times], rel=1e-14)
+    assert float((1 - out).min()) == pytest.approx(1e-4, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.5)])
+def test_step_table_does_not_follow_a_low_precision_default_dtype(dtype, sampler, eta):
+    expected = step_table(CosineSchedule(), sampler, 300, eta=eta).rows
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        rows = step_table(CosineSchedule(), sampler, 300, eta=eta).rows
+    finally:
+        torch.set_default_dtype(previous)
+    assert rows.dtype == torch.float32 and torch.equal(rows, expected)
 
 
 def test_scaler_warps_time_as_the_seed_does():

@@ -1,5 +1,11 @@
 """build(): engines for onnxruntime and openvino (fp32, bf16) checked against PyTorch, cache hits, atomicity."""
+import errno
+import os
 import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,15 +21,13 @@ COMBOS = [("onnxruntime", "fp32"), ("openvino", "fp32"), ("onnxruntime", "bf16")
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
-def _care_sst_small():
-    from ddpm_engine.models import build_model
-
-    torch.manual_seed(0)
-    return build_model("care-sst", c_in=2, c_out=1, dim=8, embed_dim=16, heads=1, dim_head=8).eval()
-
-
 def _tiny():
     torch.manual_seed(0)
+    return TinyUNet().eval()
+
+
+def _other_tiny():
+    torch.manual_seed(1)
     return TinyUNet().eval()
 
 
@@ -48,7 +52,8 @@ def _bundled():
 
 @pytest.fixture(scope="module", params=["tiny-standin", "care-sst-dim8", "sst-small"])
 def engines(request, tmp_path_factory):
-    model = {"tiny-standin": _tiny, "care-sst-dim8": _care_sst_small, "sst-small": _bundled}[request.param]()
+    model = _bundled() if request.param == "sst-small" else request.getfixturevalue(
+        {"tiny-standin": "tiny", "care-sst-dim8": "care_sst_small"}[request.param])
     directory = tmp_path_factory.mktemp(request.param) / "engine"
     return request.param, model, directory, _build_all(model, directory)
 
@@ -174,16 +179,67 @@ def test_failed_rebuild_keeps_the_previous_engine_intact(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eng"]
 
 
-def test_staging_left_by_a_sigkilled_build_is_not_loadable_and_is_cleaned(tmp_path):
-    from ddpm_engine.engine.errors import EngineFileError
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
+def test_failed_install_rename_keeps_the_previous_engine(tmp_path, monkeypatch, exchange):
+    from ddpm_engine.export import engine_dir
 
-    # What a SIGKILL mid-build leaves: a dot-named staging dir of a dead process, half written, no engine.json.
-    dead = tmp_path / ".eng.building-999999999-abcd1234"
-    dead.mkdir()
-    (dead / "model.onnx").write_bytes(b"\x08\x07half")
-    with pytest.raises(EngineFileError, match="does not exist"):
-        check_engine_dir(tmp_path / "eng")
-    build(_tiny(), tmp_path / "eng", backend="onnxruntime", batch=BATCH, size=SIZE, verify=False)
+    target = tmp_path / "eng"
+    build(_tiny(), target, backend="onnxruntime", batch=BATCH, size=SIZE, verify=False)
+    before = read_manifest(target)
+    real_rename = os.rename
+
+    def refuse_install(src, dst, *args, **kwargs):
+        if Path(src).name.startswith(".eng.building-"):  # the staging dir going in as the engine
+            raise OSError(errno.EIO, "injected: the rename that installs the engine failed")
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", refuse_install)
+    monkeypatch.setattr(engine_dir, "_exchange", refuse_install if exchange else lambda a, b: False)
+    with pytest.raises(OSError, match="injected"):
+        build(_other_tiny(), target, backend="onnxruntime", batch=BATCH, size=SIZE, verify=False)
+    assert read_manifest(target) == before
+    check_engine_dir(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eng"]
+
+
+# Where a build is SIGKILLed (tests/kill_build.py: right after that call returns) -> the engine the directory
+# must then hold: the previous one until the new one is complete and swapped in.
+KILLS = {
+    "weights-saved": ("build save_model_checkpoint", "old"),
+    "onnx-exported": ("build export_onnx", "old"),
+    "openvino-ir-written": ("build _openvino_stage", "old"),
+    "manifest-written": ("build write_manifest", "old"),
+    "engines-exchanged": ("engine_dir _exchange", "new"),
+    "old-set-aside-without-renameat2": ("os rename --no-exchange", "old"),
+}
+
+
+@pytest.mark.parametrize("kill", list(KILLS))
+def test_sigkilled_build_leaves_the_previous_engine_or_the_complete_new_one(tmp_path, kill):
+    from ddpm_engine.engine import load
+
+    target = tmp_path / "eng"
+    build(_tiny(), target, backend="onnxruntime", batch=BATCH, size=SIZE, verify=False)
+    before = read_manifest(target)
+    args, holds = KILLS[kill]
+    here = Path(__file__).parent
+    child = subprocess.run([sys.executable, str(here / "kill_build.py"), str(target), *args.split()], cwd=here,
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+
+    after = read_manifest(target)
+    assert after["backend"] == {"old": "onnxruntime", "new": "openvino"}[holds]
+    assert (after == before) == (holds == "old")
+    check_engine_dir(target)  # every artefact file present with its recorded sha256
+    x = load(target).sample(torch.zeros(1, 1, 16, 16), timesteps=2)
+    assert x.shape == (1, 1, 16, 16) and torch.isfinite(x).all()
+    # Nothing else looks like an engine unless it is one: the dead build's dot-named leftovers either lack
+    # engine.json or verify in full, and the next build removes them.
+    for left in (p for p in tmp_path.iterdir() if p != target):
+        assert left.name.startswith(".eng."), left
+        if (left / "engine.json").exists():
+            check_engine_dir(left)
+    build(_tiny(), target, backend="onnxruntime", batch=BATCH, size=SIZE, verify=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eng"]
 
 

@@ -1,42 +1,51 @@
-"""ONNX export: names, dynamic batch and H/W at odd sizes, static fallback, external data, verification errors."""
+"""ONNX export: names, dynamic batch and H/W at odd sizes, static fallback, external data, verification errors.
+
+Export, odd sizes and the verification error run on the stand-in net and on a small CARE-SST U-Net (export_net)."""
+import copy
+
 import onnx
 import pytest
+import torch
 
 from ddpm_engine.export import TOLERANCES, VerificationError, export_onnx, verify_onnx
-from export_standin import FixedSizeNet, TinyUNet, single_thread
+from export_standin import FixedSizeNet, single_thread
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
-def tiny_onnx(tiny, tmp_path_factory):
+def net_onnx(export_net, tmp_path_factory):
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     with single_thread():
-        return export_onnx(tiny, path, opt_size=(24, 24))
+        return export_onnx(export_net[1], path, opt_size=(24, 24))
 
 
-def test_export_names_and_dynamic_axes(tiny_onnx):
-    proto = onnx.load(str(tiny_onnx.path))
+def test_export_names_and_dynamic_axes(net_onnx):
+    proto = onnx.load(str(net_onnx.path))
     assert [i.name for i in proto.graph.input] == ["sample", "timestep"]
     assert [o.name for o in proto.graph.output] == ["eps"]
     dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["batch", 2, "height", "width"]
-    assert tiny_onnx.dynamic_hw and not tiny_onnx.external_data and tiny_onnx.files == [tiny_onnx.path]
+    assert net_onnx.dynamic_hw and not net_onnx.external_data and net_onnx.files == [net_onnx.path]
 
 
-def test_dynamic_graph_matches_pytorch_at_odd_sizes_and_batches(tiny, tiny_onnx):
-    report = verify_onnx(tiny_onnx.path, tiny, [(1, 24, 24), (3, 37, 29), (2, 75, 75), (5, 9, 13)])
-    print("fp32 ONNX Runtime vs PyTorch:", [(c["batch"], c["height"], c["width"], f"{c['max_abs_err']:.2e}")
+def test_dynamic_graph_matches_pytorch_at_odd_sizes_and_batches(export_net, net_onnx):
+    name, net = export_net
+    report = verify_onnx(net_onnx.path, net, [(1, 24, 24), (3, 37, 29), (2, 75, 75), (5, 9, 13)])
+    print(f"{name} fp32 ONNX Runtime vs PyTorch:", [(c["batch"], c["height"], c["width"], f"{c['max_abs_err']:.2e}")
                                            for c in report.cases])
     assert report.max_abs_err < TOLERANCES["fp32"]
     assert {(c["height"], c["width"]) for c in report.cases} >= {(37, 29), (75, 75)}
 
 
-def test_verification_failure_names_worst_case_and_error(tiny, tiny_onnx):
-    other = TinyUNet().eval()  # same architecture, other weights
+def test_verification_failure_names_worst_case_and_error(export_net, net_onnx):
+    other = copy.deepcopy(export_net[1])  # same architecture, other weights
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.1 * torch.randn_like(p))
     with pytest.raises(VerificationError) as err:
-        verify_onnx(tiny_onnx.path, other, [(1, 24, 24), (2, 37, 29)])
+        verify_onnx(net_onnx.path, other, [(1, 24, 24), (2, 37, 29)])
     msg = str(err.value)
     assert "eps at batch" in msg and "max abs error" in msg and "tolerance 0.0001" in msg
 

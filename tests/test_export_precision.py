@@ -1,4 +1,6 @@
-"""fp16 / bf16 ONNX graphs: norms, softmax and reductions stay fp32; verified vs PyTorch; overflow is caught."""
+"""fp16 / bf16 ONNX graphs: norms, softmax and reductions stay fp32; verified vs PyTorch; overflow is caught.
+
+The rules and the runtime checks run on the stand-in net and on a small CARE-SST U-Net (fixture export_net)."""
 import onnx
 import pytest
 import torch
@@ -9,16 +11,20 @@ from ddpm_engine.export.precision import precision_summary
 from export_standin import LoudNet, SumSquaresNet, single_thread
 
 CASES = [(1, 24, 24), (3, 37, 29), (2, 40, 40)]
+# Ops each net has that must stay fp32: the stand-in spells a norm out (Pow, Sqrt); CARE-SST has LayerNorm, GRN
+# and softmaxes over features and over keys + memory slots (linear attention) and over keys (full attention).
+KEPT_FP32 = {"standin": ("LayerNormalization", "Softmax", "ReduceMean", "ReduceL2", "Pow", "Sqrt", "Sin", "Cos"),
+             "care-sst": ("LayerNormalization", "Softmax", "ReduceMean", "ReduceL2", "Sin", "Cos")}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
-def fp32_graph(tiny, tmp_path_factory):
+def fp32_graph(export_net, tmp_path_factory):
     path = tmp_path_factory.mktemp("prec") / "model.onnx"
     with single_thread():
-        export_onnx(tiny, path, opt_size=(24, 24))
+        export_onnx(export_net[1], path, opt_size=(24, 24))
     return path
 
 
@@ -31,18 +37,19 @@ def _input_dtypes(model, op_type):
 
 
 @pytest.mark.parametrize("precision,low", [("fp16", TensorProto.FLOAT16), ("bf16", TensorProto.BFLOAT16)])
-def test_conversion_keeps_norms_softmax_reductions_fp32_and_convs_low(fp32_graph, precision, low):
+def test_conversion_keeps_norms_softmax_reductions_fp32_and_convs_low(export_net, fp32_graph, precision, low):
+    name = export_net[0]
     model = convert_precision(onnx.load(str(fp32_graph)), precision)
-    print(precision, precision_summary(model))
-    for op in ("LayerNormalization", "Softmax", "ReduceMean", "ReduceL2", "Pow", "Sqrt", "Sin", "Cos"):
+    print(name, precision, precision_summary(model))
+    for op in KEPT_FP32[name] + ("Gemm",):  # Gemm: the timestep MLP, which feeds every block
         dtypes = _input_dtypes(model, op)
         assert dtypes and set(dtypes) == {TensorProto.FLOAT}, (op, dtypes)
     for op in ("Conv", "ConvTranspose", "MatMul", "Einsum"):
         dtypes = _input_dtypes(model, op)
         assert dtypes and set(dtypes) == {low}, (op, dtypes)
-    # The decomposed norm (x - mean) / sqrt(var + eps): the Sub and Div of the sequence stay fp32 too.
-    subs = _input_dtypes(model, "Sub")
-    assert TensorProto.FLOAT in subs
+    if name == "standin":
+        # The decomposed norm (x - mean) / sqrt(var + eps): the Sub and Div of the sequence stay fp32 too.
+        assert TensorProto.FLOAT in _input_dtypes(model, "Sub")
     # I/O stays fp32 by default; bf16 graphs are raised to opset 22 (bf16 Conv).
     assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
     assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
@@ -56,23 +63,25 @@ def test_reduced_io_on_request(fp32_graph):
     assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT16
 
 
-def test_fp16_graph_in_onnxruntime_matches_pytorch(tiny, fp32_graph, tmp_path):
+def test_fp16_graph_in_onnxruntime_matches_pytorch(export_net, fp32_graph, tmp_path):
+    name, net = export_net
     path = tmp_path / "model.fp16.onnx"
     onnx.save(convert_precision(onnx.load(str(fp32_graph)), "fp16"), str(path))
-    report = verify_onnx(path, tiny, CASES, precision="fp16", fp32_graph=fp32_graph)
+    report = verify_onnx(path, net, CASES, precision="fp16", fp32_graph=fp32_graph)
     assert report.range_check["checked"] and report.range_check["max_abs"] < 65504
-    print(f"fp16 ONNX Runtime vs PyTorch: max abs error {report.max_abs_err:.3g} (tolerance {report.tolerance:g})")
+    print(f"{name} fp16 ONNX Runtime vs PyTorch: max abs error {report.max_abs_err:.3g} (tolerance {report.tolerance:g})")
     assert report.max_abs_err < TOLERANCES["fp16"]
     assert report.max_abs_err > 1e-6  # it really ran in reduced precision
 
 
 @pytest.mark.parametrize("keep_io", [True, False])
-def test_bf16_graph_in_openvino_matches_pytorch(tiny, fp32_graph, tmp_path, keep_io):
+def test_bf16_graph_in_openvino_matches_pytorch(export_net, fp32_graph, tmp_path, keep_io):
     # ONNX Runtime's CPU provider has no bf16 kernels; OpenVINO runs the graph with its own bf16/fp32 types.
+    name, net = export_net
     path = tmp_path / "model.bf16.onnx"
     onnx.save(convert_precision(onnx.load(str(fp32_graph)), "bf16", keep_io_types=keep_io), str(path))
-    report = verify_onnx(path, tiny, CASES, precision="bf16", runtime="openvino")
-    print(f"bf16 (io fp32={keep_io}) OpenVINO vs PyTorch: max abs error {report.max_abs_err:.3g} "
+    report = verify_onnx(path, net, CASES, precision="bf16", runtime="openvino")
+    print(f"{name} bf16 (io fp32={keep_io}) OpenVINO vs PyTorch: max abs error {report.max_abs_err:.3g} "
           f"(tolerance {report.tolerance:g})")
     assert 1e-5 < report.max_abs_err < TOLERANCES["bf16"]
 
@@ -116,12 +125,12 @@ def test_sum_of_squares_over_large_image_does_not_overflow_fp16(tmp_path):
 
 
 @pytest.mark.parametrize("precision,runtime", [("fp16", "onnxruntime"), ("bf16", "openvino")])
-def test_conversion_of_graphs_above_protobuf_limit(tiny, fp32_graph, tmp_path, monkeypatch, precision, runtime):
+def test_conversion_of_graphs_above_protobuf_limit(export_net, fp32_graph, tmp_path, monkeypatch, precision, runtime):
     # Above 2 GB, inference and the opset upgrade run on a weight-less copy; a tiny limit takes that path here.
     import ddpm_engine.export.precision as precision_mod
 
     monkeypatch.setattr(precision_mod, "_PROTO_LIMIT", 10)
     path = tmp_path / f"model.{precision}.onnx"
     onnx.save(convert_precision(onnx.load(str(fp32_graph)), precision), str(path))
-    report = verify_onnx(path, tiny, CASES[:2], precision=precision, runtime=runtime)
+    report = verify_onnx(path, export_net[1], CASES[:2], precision=precision, runtime=runtime)
     assert report.max_abs_err < TOLERANCES[precision]

@@ -113,12 +113,13 @@ def test_missing_tensorrt_names_the_extra_to_install():
 
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
-def test_tensorrt_plan_matches_pytorch(tiny, tmp_path, precision):
-    result = build(tiny, tmp_path / "eng", backend="tensorrt", precision=precision, batch=(1, 2, 4),
+def test_tensorrt_plan_matches_pytorch(export_net, tmp_path, precision):
+    name, net = export_net
+    result = build(net, tmp_path / "eng", backend="tensorrt", precision=precision, batch=(1, 2, 4),
                    size=((16, 16), (32, 32), (80, 80)), builder_optimization_level=1)
     entry = result.manifest["artefacts"]["tensorrt"]
     v = entry["verification"]
-    print(f"TensorRT {precision}: max abs error vs PyTorch {v['max_abs_err']:.3g} (tolerance {v['tolerance']:g})")
+    print(f"{name} TensorRT {precision}: max abs error vs PyTorch {v['max_abs_err']:.3g} (tolerance {v['tolerance']:g})")
     assert entry["gpu"]["compute_capability"] and entry["library"]["name"] == "tensorrt"
     assert (tmp_path / "eng" / "tensorrt" / "timing.cache").stat().st_size > 0
 

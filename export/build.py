@@ -5,7 +5,6 @@ import os
 import platform
 import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -437,74 +436,3 @@ def _tensorrt_stage(stage: Path, old_dir: Path | None, model, graph: str, profil
         entry["verification"] = verify_plan(stage / entry["path"], model, cases, precision=precision,
                                             tolerance=tolerance)
     return entry
-
-
-def _verify_derived(directory: Path, tmp: Path, entry: dict, profile: Profile, precision: str, backend: str) -> dict:
-    """One quick check of a first-use artefact against the kept PyTorch model: min batch, an odd size."""
-    from .model_source import load_torch_model
-
-    model = load_torch_model(directory)
-    case = default_cases(profile.batch, profile.sizes, profile.dynamic_hw)[-1:]
-    if backend == "tensorrt":
-        from .tensorrt_build import verify_plan
-
-        return verify_plan(tmp / entry["path"], model, case, precision=precision)
-    return verify_onnx(tmp / entry["path"], model, case, precision=precision, runtime="openvino",
-                       openvino_hint=entry["inference_precision_hint"]).as_dict()
-
-
-def make_backend_artefact(directory: Path, manifest: dict, backend: str) -> dict:
-    """Derive one backend's artefact inside an existing engine directory (first-use path of ensure_artefact).
-
-    Written into a temporary sub-directory, then renamed into place, so an interrupted derivation leaves the
-    engine as it was. Returns the artefact entry with relative file paths (not yet hashed).
-    """
-    from ddpm_engine.engine.errors import BackendUnavailableError
-
-    precision = manifest["precision"]
-    profile = Profile.from_dict(manifest["profile"])
-    tmp = directory / f".derive-{backend}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        if backend == "openvino":
-            from .openvino_build import build_openvino_ir
-
-            if precision == "fp16":
-                raise BackendUnavailableError(f"{directory} is an fp16 engine and OpenVINO builds fp32 or bf16 on "
-                                              f"CPU; build a bf16 or fp32 engine with `ddpm-engine build {directory} "
-                                              f"-o DIR --backend openvino --precision bf16`")
-            entry = build_openvino_ir(directory / manifest["artefacts"]["onnx"]["path"], tmp, precision)
-        elif backend == "onnxruntime":
-            src = manifest["artefacts"].get(f"onnx_{precision}") or manifest["artefacts"]["onnx"]
-            if src.get("precision", "fp32") != precision:
-                raise EngineFileError(f"{directory} has no {precision} ONNX graph; rebuild it with `ddpm-engine build "
-                                      f"{directory} -o {directory} --backend onnxruntime --precision {precision}`")
-            shutil.rmtree(tmp)
-            return {"path": src["path"], "files": list(src["files"]), "precision": precision,
-                    "cpu_runnable": precision != "bf16", "derived": True}
-        elif backend == "tensorrt":
-            from .tensorrt_build import build_tensorrt_plan
-
-            src = manifest["artefacts"].get(f"onnx_{precision}") or manifest["artefacts"]["onnx"]
-            if src.get("precision", "fp32") != precision:
-                raise EngineFileError(f"{directory} has no {precision} ONNX graph for TensorRT; rebuild with "
-                                      f"`ddpm-engine build {directory} -o {directory} --backend tensorrt "
-                                      f"--precision {precision}`")
-            entry = build_tensorrt_plan(directory / src["path"], tmp, profile, manifest["model"]["c_in"],
-                                        TensorRTSettings(**manifest["build"]["tensorrt"]))
-            entry["precision"] = precision
-        else:
-            raise EngineFileError(f"cannot derive a {backend} artefact")
-        if manifest["build"].get("verify", True):
-            entry["verification"] = _verify_derived(directory, tmp, entry, profile, precision, backend)
-        # Move the new files into place (no file of the engine is overwritten: these paths were absent).
-        for rel in sorted({Path(f).parts[0] for f in entry["files"]} | {Path(entry.get("timing_cache", entry["path"])).parts[0]}):
-            src_p, dst_p = tmp / rel, directory / rel
-            if src_p.exists():
-                if dst_p.exists():
-                    shutil.rmtree(dst_p) if dst_p.is_dir() else dst_p.unlink()
-                os.replace(src_p, dst_p)
-        entry["derived"] = True
-        return entry
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ddpm_engine.engine import load
-from ddpm_engine.engine.batcher import Batcher, Job, QueueFull, ShuttingDown, run_group, split_groups
+from ddpm_engine.serve.batcher import Batcher, Job, QueueFull, ShuttingDown, run_group, split_groups
 
 H = W = 8
 

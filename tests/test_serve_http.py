@@ -17,7 +17,7 @@ import pytest
 import uvicorn
 
 from ddpm_engine.engine import load
-from ddpm_engine.engine.serve_http import Service
+from ddpm_engine.serve.serve_http import Service
 
 H = W = 8
 URL = "/v2/models/tiny"

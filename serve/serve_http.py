@@ -222,7 +222,7 @@ def serve(directory, host: str = "127.0.0.1", port: int = 8000, name: str | None
     """Load an engine directory and serve it until SIGINT/SIGTERM (then drain: finish or reject the queue)."""
     import uvicorn
 
-    from .api import load
+    from ddpm_engine.engine.api import load
 
     engine = load(directory, backend=backend, threads=threads)
     service = Service(engine, name or model_name(directory), **service_kwargs)

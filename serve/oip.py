@@ -183,8 +183,8 @@ def validate(engine, job: Job) -> None:
     """Everything Engine.sample would refuse, checked before the job can share a batch (ProtocolError 400)."""
     import torch
 
-    from .samplers import step_table
-    from .validation import check_sample_inputs, check_seed
+    from ddpm_engine.engine.samplers import step_table
+    from ddpm_engine.engine.validation import check_sample_inputs, check_seed
 
     bg = job.background
     t = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731

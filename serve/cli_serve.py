@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .backends import BACKENDS
+from ddpm_engine.engine.backends import BACKENDS
 
 
 def _positive(kind):

@@ -266,15 +266,16 @@ def verify_plan(plan_path, model, cases, *, precision: str = "fp32", tolerance: 
 
     import torch
 
-    from .onnx_export import TOLERANCES, VerificationError, _example
+    from .onnx_export import TOLERANCES, VerificationError, _example, export_copy
 
+    model = export_copy(model)
     tolerance = TOLERANCES[precision] if tolerance is None else float(tolerance)
     _, engine = deserialize_plan(plan_path)
     rows = []
     for i, (b, h, w) in enumerate(cases):
         x, t = _example(model, b, (h, w), seed=i)
         with torch.no_grad():
-            ref = model.eval().float().cpu()(x, t)
+            ref = model(x, t)
         out = run_plan(engine, x, t)
         if not torch.isfinite(out).all():
             raise VerificationError(f"TensorRT plan ({precision}) overflows to inf/NaN at batch {b}, {h}x{w}")

@@ -542,7 +542,7 @@ def compile_step_kernel(arch: int = 90, *, model_dtype=torch.bfloat16, eps_dtype
     """
     pointers = {"x_ptr": "*fp32", "eps_hat_ptr": "*" + _TRITON_DTYPE[eps_dtype], "rows_ptr": "*fp32",
                 "step_ptr": "*i64", "seed_ptr": "*i64", "model_in_ptr": "*" + _TRITON_DTYPE[model_dtype],
-                "t_in_ptr": "*fp32", "mask_ptr": "*fp32", "x_init_ptr": "*fp32", "x_out_ptr": "*fp32",
+                "t_in_ptr": "*" + _TRITON_DTYPE[model_dtype], "mask_ptr": "*fp32", "x_init_ptr": "*fp32", "x_out_ptr": "*fp32",
                 "eps1_ptr": "*fp32", "eps2_ptr": "*fp32"}
     constexprs = {"HAS_MASK": has_mask, "HAS_NOISE": has_noise, "PAIRED_NOISE": paired_noise, "HAS_OUT": has_out,
                   "BLOCK": block, "FAST_MATH": fast_math}
@@ -553,7 +553,7 @@ def compile_initial_kernel(arch: int = 90, *, model_dtype=torch.bfloat16, has_ma
                            paired_noise=False, block=1024, num_warps=4, ints=None, fast_math=True):
     """triton.compile the initial-step kernel for CUDA sm_<arch> without a GPU (`ints` overrides INITIAL_INTS)."""
     pointers = {"x_ptr": "*fp32", "rows_ptr": "*fp32", "seed_ptr": "*i64",
-                "model_in_ptr": "*" + _TRITON_DTYPE[model_dtype], "t_in_ptr": "*fp32", "mask_ptr": "*fp32",
+                "model_in_ptr": "*" + _TRITON_DTYPE[model_dtype], "t_in_ptr": "*" + _TRITON_DTYPE[model_dtype], "mask_ptr": "*fp32",
                 "x_init_ptr": "*fp32", "init_ptr": "*fp32", "eps0_ptr": "*fp32", "eps1_ptr": "*fp32"}
     constexprs = {"HAS_MASK": has_mask, "HAS_INIT": has_init, "PAIRED_NOISE": paired_noise, "BLOCK": block,
                   "FAST_MATH": fast_math}

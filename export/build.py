@@ -20,7 +20,7 @@ from .onnx_export import (DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, TOLERANCES, de
                           verify_onnx)
 from .precision import PRECISIONS, convert_precision
 from .profile import Profile, parse_batch, parse_size
-from .tensorrt_build import TensorRTSettings, tensorrt_status
+from .tensorrt_build import TensorRTSettings, plan_tolerance, tensorrt_status
 
 ONNX_NAME = "model.onnx"
 # Bump when a change in this package changes what a build writes: old caches then stop matching.
@@ -200,10 +200,14 @@ def _io_section(desc: dict, precision: str, io_precision: str, dynamic_hw: bool)
     }
 
 
-def _verify_runtime(precision: str) -> str:
+def graph_verify_runtime(precision: str, backend: str) -> str | None:
+    """Where a reduced-precision ONNX graph is verified before the backend artefact is made, or None: verified as
+    the artefact itself (a TensorRT bf16 plan: OpenVINO, the only CPU runtime with bf16, is not on GPU machines)."""
     # ONNX Runtime's CPU provider has fp16 kernels (or runs fp16 nodes in fp32 via inserted casts) but none for
     # bf16: bf16 graphs are executed by OpenVINO, keeping the graph's own types (bf16 between reduced ops).
-    return "openvino" if precision == "bf16" else "onnxruntime"
+    if precision != "bf16":
+        return "onnxruntime"
+    return None if backend == "tensorrt" else "openvino"
 
 
 def build(
@@ -223,6 +227,7 @@ def build(
     workspace_bytes: int = 4 << 30,
     refit: str | None = None,
     hardware_compatibility: str | None = None,
+    tf32: bool = False,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     force: bool = False,
     simplify: bool = False,
@@ -236,6 +241,8 @@ def build(
     precision: "fp32", "fp16", "bf16", or "auto" (see resolve_precision).
     io_precision: "fp32" keeps fp32 I/O for reduced-precision graphs; "fp16"/"bf16" (= precision) reduces it.
     simplify: run onnxslim on the exported graph, kept only if it removes nodes and ONNX Runtime is not slower.
+    tf32: let a TensorRT plan run fp32 layers in TF32 (faster on Ampere and newer, verified at TOLERANCES["tf32"]);
+        off by default, so that an fp32 plan is fp32.
     The directory is written atomically; a failed or killed build leaves the previous engine (or nothing).
     """
     if precision not in PRECISIONS + ("auto",):
@@ -254,7 +261,7 @@ def build(
                          "keeps fp32 I/O (drop --io-precision)")
     batch, sizes = parse_batch(batch), parse_size(size)
     profile = Profile(batch, sizes, dynamic_hw)
-    trt_settings = TensorRTSettings(builder_optimization_level, workspace_bytes, refit, hardware_compatibility)
+    trt_settings = TensorRTSettings(builder_optimization_level, workspace_bytes, refit, hardware_compatibility, tf32)
     if backend == "tensorrt":
         from .tensorrt_build import require_tensorrt
 
@@ -341,15 +348,18 @@ def build(
                          "io_precision": io_precision, "opset": next(o.version for o in low.opset_import
                                                                     if o.domain in ("", "ai.onnx")),
                          "kept_fp32": "norms, softmax, reductions, pow/sqrt/exp, timestep embedding"}
-                if verify:
+                if verify and runtime:
                     cases = default_cases(profile.batch, profile.sizes, profile.dynamic_hw)
                     entry["verification"] = verify_onnx(stage / entry["path"], model, cases, precision=precision,
-                                                        runtime=_verify_runtime(precision), tolerance=tolerance,
+                                                        runtime=runtime, tolerance=tolerance,
                                                         fp32_graph=stage / ONNX_NAME).as_dict()
+                elif verify:
+                    entry["verified_as"] = backend
                 return entry
 
-            artefacts[name] = stages.run(f"convert to {precision} + verify ({_verify_runtime(precision)})",
-                                         precision_stage)
+            runtime = graph_verify_runtime(precision, backend)
+            artefacts[name] = stages.run(f"convert to {precision} + verify ({runtime})" if verify and runtime else
+                                         f"convert to {precision}", precision_stage)
             graph = artefacts[name]["path"]
 
         # The ONNX Runtime entry is the graph in the engine's precision: recorded whenever this build made it.
@@ -396,7 +406,8 @@ def build(
             "libraries": libs,
             "gpu": gpu,
             "build": {"backend_requested": backend, "opset": opset, "dynamic_hw_requested": dynamic_hw,
-                      "verify": verify, "tolerance": tolerance if tolerance is not None else TOLERANCES[precision],
+                      "verify": verify, "tolerance": tolerance if tolerance is not None else (
+                          plan_tolerance(precision, tf32) if backend == "tensorrt" else TOLERANCES[precision]),
                       "io_precision": io_precision, "tensorrt": trt_settings.as_dict(), "simplify": simplify,
                       "external_data_threshold": external_data_threshold, "builder_version": BUILDER_VERSION,
                       "machine": platform.machine(), "stages": stages.done},
@@ -434,5 +445,5 @@ def _tensorrt_stage(stage: Path, old_dir: Path | None, model, graph: str, profil
     if verify:
         cases = default_cases(profile.batch, profile.sizes, profile.dynamic_hw)
         entry["verification"] = verify_plan(stage / entry["path"], model, cases, precision=precision,
-                                            tolerance=tolerance)
+                                            tf32=settings.tf32, tolerance=tolerance)
     return entry

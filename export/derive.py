@@ -25,7 +25,7 @@ def _verify_derived(directory: Path, tmp: Path, entry: dict, profile: Profile, p
     if backend == "tensorrt":
         from .tensorrt_build import verify_plan
 
-        return verify_plan(tmp / entry["path"], model, case, precision=precision)
+        return verify_plan(tmp / entry["path"], model, case, precision=precision, tf32=entry["settings"]["tf32"])
     return verify_onnx(tmp / entry["path"], model, case, precision=precision, runtime="openvino",
                        openvino_hint=entry["inference_precision_hint"]).as_dict()
 

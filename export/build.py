@@ -93,18 +93,22 @@ def resolve_backend(backend: str, precision: str = "fp32") -> str:
     return "onnxruntime"
 
 
-def resolve_precision(precision: str, backend: str) -> str:
+def resolve_precision(precision: str, backend: str, cpu_bf16: bool | None = None) -> str:
     """'auto': bf16 for OpenVINO on CPUs with native bf16 (AVX-512 BF16 or AMX), fp32 everywhere else.
 
-    On this project's 2-core AVX-512 BF16 CPU, sst-small sampled 2.5x faster than the seed loop in bf16 against
-    1.3-1.7x in fp32 (benchmarks/RESULTS.md), within 0.03 of fp32 after 50 steps on the [-1, 1] scale.
+    cpu_bf16: whether the CPU has native bf16 (default: ask OpenVINO about this machine's); benchmarks pass what
+    they recorded, to label another machine's default. On this project's 2-core AVX-512 BF16 CPU, sst-small
+    sampled 2.5x faster than the seed loop in bf16 against 1.3-1.7x in fp32 (benchmarks/RESULTS.md), within 0.03
+    of fp32 after 50 steps on the [-1, 1] scale.
     """
     if precision != "auto":
         return precision
     if backend == "openvino":
-        from .openvino_build import cpu_supports
+        if cpu_bf16 is None:
+            from .openvino_build import cpu_supports
 
-        if cpu_supports("bf16"):
+            cpu_bf16 = cpu_supports("bf16")
+        if cpu_bf16:
             return "bf16"
     return "fp32"
 

@@ -654,6 +654,24 @@ def from_log(path: str, plot: str | None) -> int:
     return 0
 
 
+def plot_labels(rows, meta) -> dict[str, str]:
+    """Legend label per path: engines by backend and precision, "(default)" on the one build(backend="auto") makes
+    on the run's machine by the build code's own rule (resolve_precision with the run's bf16 ISA), not the label an
+    older log carries."""
+    from ddpm_engine.export.build import resolve_precision
+
+    backend = next((r["backend"] for r in rows if r.get("default_engine")), None)
+    default = (backend, resolve_precision("auto", backend, cpu_bf16=meta["bf16_isa"])) if backend else None
+    labels = {}
+    for r in rows:
+        if r["path"].startswith("engine "):
+            engine = (r["backend"], r["precision"])
+            labels[r["path"]] = f"engine {engine[0]} {engine[1]}" + (" (default)" if engine == default else "")
+        else:
+            labels[r["path"]] = r["path"]
+    return labels
+
+
 def write_plot(rows, path, size, meta) -> None:
     import matplotlib
 
@@ -662,11 +680,12 @@ def write_plot(rows, path, size, meta) -> None:
     import matplotlib.ticker  # noqa: F401
 
     T = rows[0]["steps"]
+    labels = plot_labels(rows, meta)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in dict.fromkeys(r["path"] for r in rows):
         pts = sorted((r["batch"], r["samples_per_s"]) for r in rows if r["path"] == name and r["steps"] == T)
         style = "--" if "engine" not in name else "-"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=labels[name])
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({r["batch"] for r in rows}))
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())

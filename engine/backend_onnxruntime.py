@@ -4,10 +4,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .backends import require
+from .backends import check_bound, require
 from .errors import BackendUnavailableError, EngineFileError
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16}
+_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 
 
 class OnnxRuntimeBackend:
@@ -34,13 +35,18 @@ class OnnxRuntimeBackend:
         # ORT falls back to CPU silently when a provider fails to initialise: check what it really uses.
         if self.session.get_providers()[0] != want[0]:
             raise BackendUnavailableError(f"onnxruntime fell back to {self.session.get_providers()} instead of {want}")
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        if set(inputs) != {"sample", "timestep"} or [o.name for o in self.session.get_outputs()] != ["eps"]:
+        io = {i.name: i.type for i in self.session.get_inputs() + self.session.get_outputs()}
+        if set(io) != {"sample", "timestep", "eps"} or [o.name for o in self.session.get_outputs()] != ["eps"]:
             raise EngineFileError(f"{onnx_path}: expected inputs sample, timestep and output eps, got "
-                                  f"{sorted(inputs)} -> {[o.name for o in self.session.get_outputs()]}")
-        self.dtype = torch.float16 if inputs["sample"].type == "tensor(float16)" else torch.float32
+                                  f"{[i.name for i in self.session.get_inputs()]} -> "
+                                  f"{[o.name for o in self.session.get_outputs()]}")
+        unknown = {name: t for name, t in io.items() if t not in _TORCH}
+        if unknown:
+            raise EngineFileError(f"{onnx_path}: I/O types {unknown} are not float or float16; rebuild the engine")
+        self.io_dtypes = {name: _TORCH[t] for name, t in io.items()}
 
     def bind(self, sample, timestep, eps):
+        check_bound(self, sample, timestep, eps)
         binding = self.session.io_binding()
         kind, index = self.device.type, self.device.index or 0
         for name, tensor in (("sample", sample), ("timestep", timestep)):

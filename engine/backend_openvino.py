@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends import require
+from .backends import check_bound, require
 from .errors import EngineFileError
 
 
@@ -12,7 +12,7 @@ class OpenVinoBackend:
 
     name = "openvino"
     capturable = False
-    dtype = torch.float32
+    io_dtypes = {"sample": torch.float32, "timestep": torch.float32, "eps": torch.float32}
 
     def __init__(self, model_path, compile_config: dict, threads: int | None = None):
         ov = require("openvino")
@@ -28,6 +28,7 @@ class OpenVinoBackend:
                                   "rebuild the engine") from None
 
     def bind(self, sample, timestep, eps):
+        check_bound(self, sample, timestep, eps)
         ov = self._ov
         # Compiled for this buffer set's exact shapes: a dynamic [?, C, ?, ?] model runs ~1.3x slower on CPU
         # (measured with sst-small, 1 thread). The Runner binds each (batch, H, W) once, so this is paid once.

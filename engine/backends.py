@@ -9,6 +9,7 @@ import torch
 from .errors import BackendUnavailableError
 
 BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
+IO_NAMES = ("sample", "timestep", "eps")  # the U-Net's inputs and output, in bind() order
 # Where each backend's library comes from, for the error that says what to install.
 _EXTRAS = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino"),
            "tensorrt": ("tensorrt", "tensorrt")}
@@ -19,11 +20,21 @@ class Backend(Protocol):
 
     name: str
     device: torch.device
-    dtype: torch.dtype  # of the sample and eps buffers
+    io_dtypes: dict[str, torch.dtype]  # per IO_NAMES, as the artefact declares them: the Runner allocates these
     capturable: bool  # whether a bound call can be recorded in a CUDA graph (no host sync inside)
 
     def bind(self, sample: torch.Tensor, timestep: torch.Tensor, eps: torch.Tensor) -> Callable[[], None]:
         """Bind one buffer set ([B, C_in, H, W], [B], [B, C_out, H, W]); the returned call writes eps in place."""
+
+
+def check_bound(backend: Backend, sample: torch.Tensor, timestep: torch.Tensor, eps: torch.Tensor) -> None:
+    """Refuse a buffer whose dtype or device is not what the artefact declares: the runtime would read its bits as
+    another type (fp32 timesteps read as fp16) or another device's memory."""
+    for name, tensor in zip(IO_NAMES, (sample, timestep, eps)):
+        want = backend.io_dtypes[name]
+        if tensor.dtype != want or tensor.device != backend.device:
+            raise ValueError(f"{backend.name} backend: buffer {name!r} is {tensor.dtype} on {tensor.device}, but the "
+                             f"artefact declares {want} on {backend.device}")
 
 
 def check_backend(name: str) -> str:
@@ -60,13 +71,16 @@ class TorchBackend:
     capturable = True
 
     def __init__(self, model: torch.nn.Module, device="cpu", dtype=torch.float32, compile: bool = False):
-        self.device, self.dtype = torch.device(device), dtype
+        self.device = torch.device(device)
+        self.io_dtypes = {"sample": dtype, "timestep": dtype, "eps": dtype}
         self.model = model.to(self.device, dtype).eval()
         self._forward = torch.compile(self.model, dynamic=False) if compile else self.model
 
     def bind(self, sample, timestep, eps):
+        check_bound(self, sample, timestep, eps)
+
         @torch.no_grad()
         def run():
-            eps.copy_(self._forward(sample, timestep.to(self.dtype)))
+            eps.copy_(self._forward(sample, timestep))
 
         return run

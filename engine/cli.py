@@ -10,7 +10,7 @@ from .errors import EngineError
 # Modules that each define `register(subparsers)`; the subparser sets `func(args) -> int`.
 COMMAND_MODULES: tuple[str, ...] = ("ddpm_engine.export.cli_build", "ddpm_engine.engine.cli_sample",
                                     "ddpm_engine.export.cli_info", "ddpm_engine.models.train", "ddpm_engine.models.evaluate",
-                                    "ddpm_engine.engine.cli_serve")
+                                    "ddpm_engine.serve.cli_serve")
 
 USER_ERRORS = (EngineError, ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, PermissionError)
 

@@ -29,9 +29,9 @@ def _randn(out: torch.Tensor, gen) -> torch.Tensor:
 class BufferSet:
     """Everything one (batch, H, W) needs, allocated once; graphs and bindings refer to these addresses."""
 
-    sample: torch.Tensor  # U-Net input [B, C + C_bg, H, W], backend dtype; background channels written per run
-    timestep: torch.Tensor  # U-Net time input [B], fp32
-    eps: torch.Tensor  # U-Net output [B, C, H, W], backend dtype
+    sample: torch.Tensor  # U-Net input [B, C + C_bg, H, W]; background channels written per run
+    timestep: torch.Tensor  # U-Net time input [B]
+    eps: torch.Tensor  # U-Net output [B, C, H, W]; these three in the dtypes the backend's artefact declares
     x: torch.Tensor  # sampler state [B, C, H, W], fp32
     x_init: torch.Tensor  # known image, fp32
     mask: torch.Tensor  # 1 = generate, fp32 [B, C, H, W]
@@ -69,6 +69,8 @@ class Runner:
         self.max_buffer_sets, self.debug = max_buffer_sets, debug
         self._sets: OrderedDict[tuple[int, int, int], BufferSet] = OrderedDict()
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        # The loop runs on a stream of its own: on the default stream TensorRT adds device syncs (and warns).
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     # -- buffers ---------------------------------------------------------------------------------
 
@@ -89,12 +91,12 @@ class Runner:
             return self._sets[key]
         if len(self._sets) >= self.max_buffer_sets:
             self._sets.popitem(last=False)
-        dev, dt, c = self.device, self.backend.dtype, self.c_out
+        dev, io, c = self.device, self.backend.io_dtypes, self.c_out
         state = lambda: torch.zeros(batch, c, height, width, device=dev)  # noqa: E731
         bufs = BufferSet(
-            sample=torch.zeros(batch, self.c_in, height, width, device=dev, dtype=dt),
-            timestep=torch.zeros(batch, device=dev),
-            eps=torch.zeros(batch, c, height, width, device=dev, dtype=dt),
+            sample=torch.zeros(batch, self.c_in, height, width, device=dev, dtype=io["sample"]),
+            timestep=torch.zeros(batch, device=dev, dtype=io["timestep"]),
+            eps=torch.zeros(batch, c, height, width, device=dev, dtype=io["eps"]),
             x=state(), x_init=state(), mask=state(), init=state(), noise=(state(), state()),
             step=torch.zeros(1, dtype=torch.int64, device=dev),
             seed=torch.zeros(1, dtype=torch.int64, device=dev),
@@ -124,6 +126,16 @@ class Runner:
         otherwise `seed` keys the noise (in-kernel Philox for Triton, a seeded torch.Generator for torch).
         intermediates: a [T // every, B, C, H, W] buffer receiving the state after every `every`-th step.
         """
+        if self.stream is None:
+            return self._run(bufs, table, background, mask, x_init, init_image, seed, generator, intermediates, every)
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)  # the inputs were written on the caller's stream
+        with torch.cuda.stream(self.stream):
+            x = self._run(bufs, table, background, mask, x_init, init_image, seed, generator, intermediates, every)
+        caller.wait_stream(self.stream)  # the caller reads x (and frees the inputs) after the loop
+        return x
+
+    def _run(self, bufs, table, background, mask, x_init, init_image, seed, generator, intermediates, every):
         c = self.c_out
         bufs.sample[:, c:].copy_(background)  # background channels: written once per run, read T times
         if mask is not None:

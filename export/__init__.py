@@ -1,6 +1,7 @@
 """ddpm_engine.export: torch -> ONNX (+ verification) -> TensorRT plan / OpenVINO IR, precision, engine directory."""
 from .build import BuildResult, build, resolve_backend
-from .engine_dir import artefact_path, check_engine_dir, ensure_artefact
+from .derive import ensure_artefact
+from .engine_dir import artefact_path, check_engine_dir
 from .manifest import FORMAT_VERSION, read_manifest
 from .onnx_export import TOLERANCES, VerificationError, export_onnx, verify_onnx
 from .precision import convert_precision

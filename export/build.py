@@ -5,7 +5,6 @@ import os
 import platform
 import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,7 +20,7 @@ from .onnx_export import (DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, TOLERANCES, de
                           verify_onnx)
 from .precision import PRECISIONS, convert_precision
 from .profile import Profile, parse_batch, parse_size
-from .tensorrt_build import TensorRTSettings, tensorrt_status
+from .tensorrt_build import TensorRTSettings, plan_tolerance, tensorrt_status
 
 ONNX_NAME = "model.onnx"
 # Bump when a change in this package changes what a build writes: old caches then stop matching.
@@ -94,18 +93,22 @@ def resolve_backend(backend: str, precision: str = "fp32") -> str:
     return "onnxruntime"
 
 
-def resolve_precision(precision: str, backend: str) -> str:
+def resolve_precision(precision: str, backend: str, cpu_bf16: bool | None = None) -> str:
     """'auto': bf16 for OpenVINO on CPUs with native bf16 (AVX-512 BF16 or AMX), fp32 everywhere else.
 
-    On this project's 2-core AVX-512 BF16 CPU, sst-small sampled 2.5x faster than the seed loop in bf16 against
-    1.3-1.7x in fp32 (benchmarks/RESULTS.md), within 0.03 of fp32 after 50 steps on the [-1, 1] scale.
+    cpu_bf16: whether the CPU has native bf16 (default: ask OpenVINO about this machine's); benchmarks pass what
+    they recorded, to label another machine's default. On this project's 2-core AVX-512 BF16 CPU, sst-small
+    sampled 2.5x faster than the seed loop in bf16 against 1.3-1.7x in fp32 (benchmarks/RESULTS.md), within 0.03
+    of fp32 after 50 steps on the [-1, 1] scale.
     """
     if precision != "auto":
         return precision
     if backend == "openvino":
-        from .openvino_build import cpu_supports
+        if cpu_bf16 is None:
+            from .openvino_build import cpu_supports
 
-        if cpu_supports("bf16"):
+            cpu_bf16 = cpu_supports("bf16")
+        if cpu_bf16:
             return "bf16"
     return "fp32"
 
@@ -201,10 +204,14 @@ def _io_section(desc: dict, precision: str, io_precision: str, dynamic_hw: bool)
     }
 
 
-def _verify_runtime(precision: str) -> str:
+def graph_verify_runtime(precision: str, backend: str) -> str | None:
+    """Where a reduced-precision ONNX graph is verified before the backend artefact is made, or None: verified as
+    the artefact itself (a TensorRT bf16 plan: OpenVINO, the only CPU runtime with bf16, is not on GPU machines)."""
     # ONNX Runtime's CPU provider has fp16 kernels (or runs fp16 nodes in fp32 via inserted casts) but none for
     # bf16: bf16 graphs are executed by OpenVINO, keeping the graph's own types (bf16 between reduced ops).
-    return "openvino" if precision == "bf16" else "onnxruntime"
+    if precision != "bf16":
+        return "onnxruntime"
+    return None if backend == "tensorrt" else "openvino"
 
 
 def build(
@@ -224,6 +231,7 @@ def build(
     workspace_bytes: int = 4 << 30,
     refit: str | None = None,
     hardware_compatibility: str | None = None,
+    tf32: bool = False,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     force: bool = False,
     simplify: bool = False,
@@ -237,6 +245,8 @@ def build(
     precision: "fp32", "fp16", "bf16", or "auto" (see resolve_precision).
     io_precision: "fp32" keeps fp32 I/O for reduced-precision graphs; "fp16"/"bf16" (= precision) reduces it.
     simplify: run onnxslim on the exported graph, kept only if it removes nodes and ONNX Runtime is not slower.
+    tf32: let a TensorRT plan run fp32 layers in TF32 (faster on Ampere and newer, verified at TOLERANCES["tf32"]);
+        off by default, so that an fp32 plan is fp32.
     The directory is written atomically; a failed or killed build leaves the previous engine (or nothing).
     """
     if precision not in PRECISIONS + ("auto",):
@@ -255,7 +265,7 @@ def build(
                          "keeps fp32 I/O (drop --io-precision)")
     batch, sizes = parse_batch(batch), parse_size(size)
     profile = Profile(batch, sizes, dynamic_hw)
-    trt_settings = TensorRTSettings(builder_optimization_level, workspace_bytes, refit, hardware_compatibility)
+    trt_settings = TensorRTSettings(builder_optimization_level, workspace_bytes, refit, hardware_compatibility, tf32)
     if backend == "tensorrt":
         from .tensorrt_build import require_tensorrt
 
@@ -343,15 +353,18 @@ def build(
                          "io_precision": io_precision, "opset": next(o.version for o in low.opset_import
                                                                     if o.domain in ("", "ai.onnx")),
                          "kept_fp32": "norms, softmax, reductions, pow/sqrt/exp, timestep embedding"}
-                if verify:
+                if verify and runtime:
                     cases = default_cases(profile.batch, profile.sizes, profile.dynamic_hw)
                     entry["verification"] = verify_onnx(stage / entry["path"], model, cases, precision=precision,
-                                                        runtime=_verify_runtime(precision), tolerance=tolerance,
+                                                        runtime=runtime, tolerance=tolerance,
                                                         fp32_graph=stage / ONNX_NAME).as_dict()
+                elif verify:
+                    entry["verified_as"] = backend
                 return entry
 
-            artefacts[name] = stages.run(f"convert to {precision} + verify ({_verify_runtime(precision)})",
-                                         precision_stage)
+            runtime = graph_verify_runtime(precision, backend)
+            artefacts[name] = stages.run(f"convert to {precision} + verify ({runtime})" if verify and runtime else
+                                         f"convert to {precision}", precision_stage)
             graph = artefacts[name]["path"]
 
         # The ONNX Runtime entry is the graph in the engine's precision: recorded whenever this build made it.
@@ -398,7 +411,8 @@ def build(
             "libraries": libs,
             "gpu": gpu,
             "build": {"backend_requested": backend, "opset": opset, "dynamic_hw_requested": dynamic_hw,
-                      "verify": verify, "tolerance": tolerance if tolerance is not None else TOLERANCES[precision],
+                      "verify": verify, "tolerance": tolerance if tolerance is not None else (
+                          plan_tolerance(precision, tf32) if backend == "tensorrt" else TOLERANCES[precision]),
                       "io_precision": io_precision, "tensorrt": trt_settings.as_dict(), "simplify": simplify,
                       "external_data_threshold": external_data_threshold, "builder_version": BUILDER_VERSION,
                       "machine": platform.machine(), "stages": stages.done},
@@ -436,76 +450,5 @@ def _tensorrt_stage(stage: Path, old_dir: Path | None, model, graph: str, profil
     if verify:
         cases = default_cases(profile.batch, profile.sizes, profile.dynamic_hw)
         entry["verification"] = verify_plan(stage / entry["path"], model, cases, precision=precision,
-                                            tolerance=tolerance)
+                                            tf32=settings.tf32, tolerance=tolerance)
     return entry
-
-
-def _verify_derived(directory: Path, tmp: Path, entry: dict, profile: Profile, precision: str, backend: str) -> dict:
-    """One quick check of a first-use artefact against the kept PyTorch model: min batch, an odd size."""
-    from .model_source import load_torch_model
-
-    model = load_torch_model(directory)
-    case = default_cases(profile.batch, profile.sizes, profile.dynamic_hw)[-1:]
-    if backend == "tensorrt":
-        from .tensorrt_build import verify_plan
-
-        return verify_plan(tmp / entry["path"], model, case, precision=precision)
-    return verify_onnx(tmp / entry["path"], model, case, precision=precision, runtime="openvino",
-                       openvino_hint=entry["inference_precision_hint"]).as_dict()
-
-
-def make_backend_artefact(directory: Path, manifest: dict, backend: str) -> dict:
-    """Derive one backend's artefact inside an existing engine directory (first-use path of ensure_artefact).
-
-    Written into a temporary sub-directory, then renamed into place, so an interrupted derivation leaves the
-    engine as it was. Returns the artefact entry with relative file paths (not yet hashed).
-    """
-    from ddpm_engine.engine.errors import BackendUnavailableError
-
-    precision = manifest["precision"]
-    profile = Profile.from_dict(manifest["profile"])
-    tmp = directory / f".derive-{backend}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        if backend == "openvino":
-            from .openvino_build import build_openvino_ir
-
-            if precision == "fp16":
-                raise BackendUnavailableError(f"{directory} is an fp16 engine and OpenVINO builds fp32 or bf16 on "
-                                              f"CPU; build a bf16 or fp32 engine with `ddpm-engine build {directory} "
-                                              f"-o DIR --backend openvino --precision bf16`")
-            entry = build_openvino_ir(directory / manifest["artefacts"]["onnx"]["path"], tmp, precision)
-        elif backend == "onnxruntime":
-            src = manifest["artefacts"].get(f"onnx_{precision}") or manifest["artefacts"]["onnx"]
-            if src.get("precision", "fp32") != precision:
-                raise EngineFileError(f"{directory} has no {precision} ONNX graph; rebuild it with `ddpm-engine build "
-                                      f"{directory} -o {directory} --backend onnxruntime --precision {precision}`")
-            shutil.rmtree(tmp)
-            return {"path": src["path"], "files": list(src["files"]), "precision": precision,
-                    "cpu_runnable": precision != "bf16", "derived": True}
-        elif backend == "tensorrt":
-            from .tensorrt_build import build_tensorrt_plan
-
-            src = manifest["artefacts"].get(f"onnx_{precision}") or manifest["artefacts"]["onnx"]
-            if src.get("precision", "fp32") != precision:
-                raise EngineFileError(f"{directory} has no {precision} ONNX graph for TensorRT; rebuild with "
-                                      f"`ddpm-engine build {directory} -o {directory} --backend tensorrt "
-                                      f"--precision {precision}`")
-            entry = build_tensorrt_plan(directory / src["path"], tmp, profile, manifest["model"]["c_in"],
-                                        TensorRTSettings(**manifest["build"]["tensorrt"]))
-            entry["precision"] = precision
-        else:
-            raise EngineFileError(f"cannot derive a {backend} artefact")
-        if manifest["build"].get("verify", True):
-            entry["verification"] = _verify_derived(directory, tmp, entry, profile, precision, backend)
-        # Move the new files into place (no file of the engine is overwritten: these paths were absent).
-        for rel in sorted({Path(f).parts[0] for f in entry["files"]} | {Path(entry.get("timing_cache", entry["path"])).parts[0]}):
-            src_p, dst_p = tmp / rel, directory / rel
-            if src_p.exists():
-                if dst_p.exists():
-                    shutil.rmtree(dst_p) if dst_p.is_dir() else dst_p.unlink()
-                os.replace(src_p, dst_p)
-        entry["derived"] = True
-        return entry
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""The engine directory: atomic staging, artefact hashes, load-time checks, and artefacts derived on first use."""
+"""The engine directory: atomic staging, artefact hashes and load-time checks (first-use derivation: derive.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +13,7 @@ from pathlib import Path
 from ddpm_engine.engine.errors import BackendUnavailableError, EngineFileError
 
 from .manifest import (BACKENDS, FORMAT_VERSION, MANIFEST, gpu_info, library_versions, major_minor, read_manifest,
-                       sha256_file, write_manifest)
+                       sha256_file)
 
 STAGING_TAG = ".building-"
 OLD_TAG = ".replaced-"
@@ -144,7 +144,7 @@ def hash_files(root: Path, relpaths) -> dict[str, str]:
     return {rel: sha256_file(Path(root) / rel) for rel in relpaths}
 
 
-def _rebuild_hint(directory: Path, backend: str | None = None) -> str:
+def rebuild_hint(directory: Path, backend: str | None = None) -> str:
     flag = f" --backend {backend}" if backend else ""
     return f"`ddpm-engine build {directory} -o {directory}{flag}`"
 
@@ -159,11 +159,11 @@ def verify_files(directory: Path, entry: dict, what: str) -> None:
         path = directory / rel
         if not path.is_file():
             raise EngineFileError(f"{directory}: {what} file {rel} is missing; rebuild it with "
-                                  f"{_rebuild_hint(directory, entry.get('backend'))}")
+                                  f"{rebuild_hint(directory, entry.get('backend'))}")
         if sha256_file(path) != digest:
             raise EngineFileError(f"{directory}: {what} file {rel} is corrupt, truncated or not the one this manifest "
                                   f"was written for (sha256 mismatch); rebuild it with "
-                                  f"{_rebuild_hint(directory, entry.get('backend'))}")
+                                  f"{rebuild_hint(directory, entry.get('backend'))}")
 
 
 def _check_library(directory: Path, backend: str, entry: dict) -> None:
@@ -176,7 +176,7 @@ def _check_library(directory: Path, backend: str, entry: dict) -> None:
         if built != trt.__version__:
             raise EngineFileError(f"{directory}: the TensorRT plan was built with TensorRT {built}, this machine has "
                                   f"{trt.__version__} (plans are tied to one version); rebuild it with "
-                                  f"{_rebuild_hint(directory, 'tensorrt')}")
+                                  f"{rebuild_hint(directory, 'tensorrt')}")
         gpu, want = gpu_info(), entry.get("gpu") or {}
         compat = (entry.get("settings") or {}).get("hardware_compatibility")
         if compat == "AMPERE_PLUS":  # built to run on any Ampere or newer GPU
@@ -189,13 +189,13 @@ def _check_library(directory: Path, backend: str, entry: dict) -> None:
             raise EngineFileError(f"{directory}: the TensorRT plan was built for {want.get('name')} (compute "
                                   f"capability {want.get('compute_capability')}), this machine has {gpu['name']} "
                                   f"({gpu['compute_capability']}); rebuild it on this GPU with "
-                                  f"{_rebuild_hint(directory, 'tensorrt')}")
+                                  f"{rebuild_hint(directory, 'tensorrt')}")
     elif backend == "openvino":
         if have["openvino"] is None:
             raise BackendUnavailableError("OpenVINO is not installed; pip install 'ddpm-engine[openvino]'")
         if major_minor(built) != major_minor(have["openvino"]):
             raise EngineFileError(f"{directory}: the OpenVINO IR was written by OpenVINO {built}, this machine has "
-                                  f"{have['openvino']}; rebuild it with {_rebuild_hint(directory, 'openvino')} "
+                                  f"{have['openvino']}; rebuild it with {rebuild_hint(directory, 'openvino')} "
                                   f"(or delete {directory / 'openvino'} and it is re-derived from the ONNX file on load)")
     elif backend == "onnxruntime":
         if have["onnxruntime"] is None:
@@ -212,7 +212,7 @@ def _check_library(directory: Path, backend: str, entry: dict) -> None:
         if _vtuple(have["onnxruntime"]) < _vtuple(built):
             raise EngineFileError(f"{directory}: the ONNX graph was verified with ONNX Runtime {built}, this machine "
                                   f"has the older {have['onnxruntime']}; upgrade onnxruntime or rebuild with "
-                                  f"{_rebuild_hint(directory, 'onnxruntime')}")
+                                  f"{rebuild_hint(directory, 'onnxruntime')}")
 
 
 def _cc(capability: str | None) -> tuple[int, ...]:
@@ -248,7 +248,7 @@ def check_engine_dir(directory: str | os.PathLike, backend: str | None = None) -
     entry = manifest["artefacts"].get(backend)
     if entry is None:
         raise EngineFileError(f"{directory} has no {backend} artefact; build it with "
-                              f"{_rebuild_hint(directory, backend)} (or load with ensure_artefact, which derives it "
+                              f"{rebuild_hint(directory, backend)} (or load with ensure_artefact, which derives it "
                               "from the ONNX file where possible)")
     verify_files(directory, entry, backend)
     _check_library(directory, backend, entry)
@@ -263,40 +263,5 @@ def artefact_path(directory: str | os.PathLike, backend: str | None = None) -> P
     return directory / manifest["artefacts"][backend or manifest["backend"]]["path"]
 
 
-def _derive(directory: Path, manifest: dict, backend: str) -> dict:
-    """Make a missing artefact from what the directory holds; returns its manifest entry (with hashes)."""
-    from .build import artefact_entry, make_backend_artefact
-
-    source = manifest["artefacts"].get("onnx")
-    if source is None:
-        raise EngineFileError(f"{directory} has neither a {backend} artefact nor an ONNX file to derive it from; "
-                              f"build it with {_rebuild_hint(directory, backend)}")
-    verify_files(directory, source, "onnx")
-    entry = make_backend_artefact(directory, manifest, backend)
-    return artefact_entry(directory, backend, entry)
-
-
-def ensure_artefact(directory: str | os.PathLike, backend: str) -> Path:
-    """Path of the backend's artefact, deriving it first if the engine lacks it (OpenVINO IR from the ONNX file,
-    ONNX Runtime graph in the engine's precision, TensorRT plan where TensorRT and a GPU exist).
-
-    The new artefact is written to a temporary name, renamed into place, and recorded by an atomic rewrite of
-    engine.json; concurrent first loads at worst derive it twice. Raises EngineFileError / BackendUnavailableError
-    with the command to build it when it cannot be derived here.
-    """
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; must be one of {list(BACKENDS)}")
-    if backend not in manifest["artefacts"]:
-        if backend == "torch":
-            raise EngineFileError(f"{directory} keeps no PyTorch weights; rebuild it from the original model")
-        entry = _derive(directory, manifest, backend)
-        manifest = read_manifest(directory)  # another process may have added artefacts meanwhile
-        manifest["artefacts"][backend] = entry
-        write_manifest(directory, manifest)
-    return artefact_path(directory, backend)
-
-
 __all__ = ["FORMAT_VERSION", "artefact_path", "check_engine_dir", "clean_stale_staging", "commit_staging",
-           "ensure_artefact", "hash_files", "restore_set_aside", "staging_dir", "verify_files"]
+           "hash_files", "restore_set_aside", "staging_dir", "verify_files"]

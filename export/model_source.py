@@ -61,7 +61,9 @@ def resolve_model(model_or_name) -> tuple[torch.nn.Module, str]:
     """(model in eval mode on CPU, a description of its source) from a module, a bundled preset name, a
     checkpoint directory, a CARE-SST .pth, or an existing engine directory (its kept weights)."""
     if isinstance(model_or_name, torch.nn.Module):
-        return model_or_name.eval(), f"module {type(model_or_name).__name__}"
+        from .onnx_export import export_copy
+
+        return export_copy(model_or_name), f"module {type(model_or_name).__name__}"
     name = str(model_or_name)
     path = Path(name)
     if path.is_dir() and (path / MANIFEST).is_file():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ TRT_DIR = "tensorrt"
 PLAN_NAME = "model.plan"
 TIMING_CACHE = "timing.cache"
 INSTALL = "pip install 'ddpm-engine[tensorrt]'"
+# 10.x builds weakly typed networks unless asked (create_network's STRONGLY_TYPED flag); 11.x is always strongly typed.
+SUPPORTED_MAJORS = (10, 11)
 
 
 class TensorRTBuildError(EngineError):
@@ -31,7 +34,9 @@ class TensorRTSettings:
     # refit only with the build-time weights, e.g. weight-stripped plans; no optimisation is given up).
     refit: str | None = None
     hardware_compatibility: str | None = None  # None, "AMPERE_PLUS" or "SAME_COMPUTE_CAPABILITY"
-    tf32: bool = True
+    # fp32 layers in TF32 (10-bit mantissa): TensorRT's default, but then an "fp32" plan is not fp32. Off unless
+    # asked for; a TF32 plan is verified at TOLERANCES["tf32"].
+    tf32: bool = False
 
     def __post_init__(self):
         if not 0 <= int(self.builder_optimization_level) <= 5:
@@ -48,21 +53,36 @@ class TensorRTSettings:
         return asdict(self)
 
 
+def unsupported_version(version: str) -> str | None:
+    """Why this TensorRT version cannot build or run our plans, or None when it can (SUPPORTED_MAJORS)."""
+    try:
+        major = int(str(version).split(".")[0])
+    except ValueError:
+        return f"TensorRT reports an unreadable version {version!r}"
+    if major not in SUPPORTED_MAJORS:
+        return (f"TensorRT {version} is not supported: ddpm-engine builds strongly typed networks with TensorRT "
+                f"{' or '.join(f'{m}.x' for m in SUPPORTED_MAJORS)}; {INSTALL}")
+    return None
+
+
 def tensorrt_status() -> tuple[bool, str]:
-    """(available, reason): TensorRT importable and a CUDA GPU present. Never raises."""
+    """(available, reason): a supported TensorRT (10.x or 11.x) importable and a CUDA GPU present. Never raises."""
     import torch
 
     gpu = torch.cuda.is_available()
     try:
-        importlib.import_module("tensorrt")
+        trt = importlib.import_module("tensorrt")
     except ImportError as exc:
         where = "" if gpu else " (and it needs an NVIDIA GPU: none is visible here)"
         return False, f"TensorRT is not installed ({exc}){where}; {INSTALL}"
     except Exception as exc:  # noqa: BLE001 - a broken install (missing libnvinfer) raises OSError etc.
         return False, f"TensorRT failed to import ({type(exc).__name__}: {exc}); reinstall with {INSTALL}"
+    too_old = unsupported_version(getattr(trt, "__version__", "?"))
+    if too_old:
+        return False, too_old
     if not gpu:
         return False, "TensorRT needs an NVIDIA GPU with CUDA, and torch sees none on this machine"
-    return True, "ok"
+    return True, f"TensorRT {trt.__version__}"
 
 
 def require_tensorrt():
@@ -75,23 +95,42 @@ def require_tensorrt():
     return trt
 
 
-def capturing_logger(trt):
-    """A trt.ILogger that keeps error messages (the API itself only returns None/False) and prints warnings."""
+_LOGGER = None
 
-    class CapturingLogger(trt.ILogger):
-        """Prints warnings and keeps errors, so a None plan becomes an exception that says why."""
 
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
+def logger():
+    """The process's one TensorRT logger: TensorRT treats the logger as a singleton and keeps the first one it is
+    given, so every builder, runtime, parser and refitter shares this one (or later ones lose their error text).
 
-        def log(self, severity, msg):
-            if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
-                self.errors.append(str(msg))
-            elif severity == trt.ILogger.Severity.WARNING:
-                print(f"[TensorRT] warning: {msg}")
+    It prints warnings and keeps errors (the API itself only returns None/False): take `mark()` before a call and
+    read `errors_since(mark)` after a failure, so each failure reports its own errors.
+    """
+    global _LOGGER
+    if _LOGGER is None:
+        trt = require_tensorrt()
 
-    return CapturingLogger()
+        class CapturingLogger(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+                self._lock, self._errors = threading.Lock(), []
+
+            def log(self, severity, msg):
+                if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
+                    with self._lock:  # TensorRT requires a thread-safe logger
+                        self._errors.append(str(msg))
+                elif severity == trt.ILogger.Severity.WARNING:
+                    print(f"[TensorRT] warning: {msg}")
+
+            def mark(self) -> int:
+                with self._lock:
+                    return len(self._errors)
+
+            def errors_since(self, mark: int) -> str:
+                with self._lock:
+                    return "; ".join(self._errors[mark:]) or "no error was logged"
+
+        _LOGGER = CapturingLogger()
+    return _LOGGER
 
 
 def _make_progress(trt, report: Callable[[str], None] | None):
@@ -147,10 +186,12 @@ def build_tensorrt_plan(
     onnx_path = Path(onnx_path)
     out = Path(engine_dir) / TRT_DIR
     out.mkdir(parents=True, exist_ok=True)
-    logger = capturing_logger(trt)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
+    log = logger()
+    mark = log.mark()
+    builder = trt.Builder(log)
+    # Strongly typed: the plan's precision is the ONNX graph's. Required on 10.x, accepted and ignored on 11.x.
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, log)
     _parse_onnx(trt, parser, onnx_path)
 
     config = builder.create_builder_config()
@@ -160,7 +201,9 @@ def build_tensorrt_plan(
         config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
     elif settings.refit == "refit":
         config.set_flag(trt.BuilderFlag.REFIT)
-    if not settings.tf32:
+    if settings.tf32:
+        config.set_flag(trt.BuilderFlag.TF32)
+    else:
         config.clear_flag(trt.BuilderFlag.TF32)
     if settings.hardware_compatibility:
         config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, settings.hardware_compatibility)
@@ -186,8 +229,7 @@ def build_tensorrt_plan(
     plan = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - t0
     if plan is None:
-        raise TensorRTBuildError("TensorRT failed to build the engine: " + ("; ".join(logger.errors) or
-                                                                           "no error was logged"))
+        raise TensorRTBuildError(f"TensorRT failed to build the engine: {log.errors_since(mark)}")
     plan_path = out / PLAN_NAME
     plan_path.write_bytes(bytes(plan))
     cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,17 +247,18 @@ def build_tensorrt_plan(
     }
 
 
-def deserialize_plan(plan_path: str | Path, logger=None):
+def deserialize_plan(plan_path: str | Path):
     """(runtime, ICudaEngine) for a plan file; EngineFileError when TensorRT rejects it (other version or GPU)."""
     from ddpm_engine.engine.errors import EngineFileError
 
     trt = require_tensorrt()
-    logger = logger or capturing_logger(trt)
-    runtime = trt.Runtime(logger)
+    log = logger()
+    mark = log.mark()
+    runtime = trt.Runtime(log)
     engine = runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
     if engine is None:
         raise EngineFileError(f"TensorRT {trt.__version__} cannot load {plan_path} (built by another TensorRT "
-                              f"version or for another GPU, or damaged): {'; '.join(logger.errors) or 'no detail'}; "
+                              f"version or for another GPU, or damaged): {log.errors_since(mark)}; "
                               "rebuild it with `ddpm-engine build DIR -o DIR --backend tensorrt`")
     return runtime, engine
 
@@ -223,11 +266,12 @@ def deserialize_plan(plan_path: str | Path, logger=None):
 def refit_plan(engine, onnx_path: str | Path) -> None:
     """Load new weights of the same architecture into a refittable engine from an ONNX file (no rebuild)."""
     trt = require_tensorrt()
-    logger = capturing_logger(trt)
-    refitter = trt.Refitter(engine, logger)
-    parser_refitter = trt.OnnxParserRefitter(refitter, logger)
+    log = logger()
+    mark = log.mark()
+    refitter = trt.Refitter(engine, log)
+    parser_refitter = trt.OnnxParserRefitter(refitter, log)
     if not parser_refitter.refit_from_file(str(onnx_path)) or not refitter.refit_cuda_engine():
-        raise TensorRTBuildError(f"refit from {onnx_path} failed: {'; '.join(logger.errors) or 'no detail'}")
+        raise TensorRTBuildError(f"refit from {onnx_path} failed: {log.errors_since(mark)}")
 
 
 def run_plan(engine, sample, timestep):
@@ -260,21 +304,30 @@ def run_plan(engine, sample, timestep):
     return eps.float().cpu()
 
 
-def verify_plan(plan_path, model, cases, *, precision: str = "fp32", tolerance: float | None = None) -> dict:
-    """The plan vs PyTorch fp32 at each (batch, H, W): same metric and tolerances as onnx_export.verify_onnx."""
+def plan_tolerance(precision: str, tf32: bool) -> float:
+    """Default verification tolerance of a plan: its precision's, or TF32's for an fp32 plan built with TF32."""
+    from .onnx_export import TOLERANCES
+
+    return TOLERANCES["tf32" if tf32 and precision == "fp32" else precision]
+
+
+def verify_plan(plan_path, model, cases, *, precision: str = "fp32", tf32: bool = False,
+                tolerance: float | None = None) -> dict:
+    """The plan vs PyTorch fp32 at each (batch, H, W): same metric as onnx_export.verify_onnx, at plan_tolerance."""
     import math
 
     import torch
 
-    from .onnx_export import TOLERANCES, VerificationError, _example
+    from .onnx_export import VerificationError, _example, export_copy
 
-    tolerance = TOLERANCES[precision] if tolerance is None else float(tolerance)
+    model = export_copy(model)
+    tolerance = plan_tolerance(precision, tf32) if tolerance is None else float(tolerance)
     _, engine = deserialize_plan(plan_path)
     rows = []
     for i, (b, h, w) in enumerate(cases):
         x, t = _example(model, b, (h, w), seed=i)
         with torch.no_grad():
-            ref = model.eval().float().cpu()(x, t)
+            ref = model(x, t)
         out = run_plan(engine, x, t)
         if not torch.isfinite(out).all():
             raise VerificationError(f"TensorRT plan ({precision}) overflows to inf/NaN at batch {b}, {h}x{w}")

@@ -26,7 +26,8 @@ instead for the PAIRED_NOISE parity mode; fp_fusion=False for bit parity with to
               fp_fusion=True) -> x
   philox_noise(seed, phase, shape, *, plane_offset=0) -> (a, b)   # the kernels' draws, for tests
   (phase 0: a = eps0, b = eps1 of step 0; phase i + 1: a = eps2 of step i, b = eps1 of step i + 1)
-  compile_step_kernel(90, ...), compile_initial_kernel(90, ...): ahead-of-time sm_90 builds, no GPU needed
+  compile_step_kernel(90, ...), compile_initial_kernel(90, ...), compile_noise_kernel(90, ...): ahead-of-time
+  sm_90 builds, no GPU needed, with integer arguments specialised as the JIT does (ints={...})
 Triton is optional: HAS_TRITON says whether the Triton half imported. On CPU set TRITON_INTERPRET=1 before
 triton is first imported to run the kernels in the interpreter (tests do).
 """

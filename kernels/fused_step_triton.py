@@ -243,7 +243,8 @@ def _initial_kernel(
     tl.store(t_in_ptr + b, t0.to(t_in_ptr.dtype.element_ty), mask=(c == 0) & (pid_hw == 0))
 
 
-@triton.jit
+# phase is 1 for step 0's draws: specialised, the JIT would make it a constexpr int, which has no .to().
+@triton.jit(do_not_specialize=["phase"])
 def _noise_kernel(a_ptr, b_ptr, seed_ptr, phase, HW, plane_offset, BLOCK: tl.constexpr, FAST_MATH: tl.constexpr):
     plane = tl.program_id(0)
     hw_lo, hw_hi, k = _chunk_tiles(tl.program_id(1), BLOCK)
@@ -489,55 +490,78 @@ def philox_noise(seed: torch.Tensor, phase: int, shape, *, plane_offset: int = 0
 
 _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
+# Integer arguments of a 300x300, 1-channel (CARE-SST) batch of 8 with a mask: the sizes a launch really passes.
+STEP_INTS = {"mi_sb": 2 * 90000, "mi_sc": 90000, "m_sb": 90000, "m_sc": 90000, "C": 1, "HW": 90000, "T": 50,
+             "plane_offset": 0}
+INITIAL_INTS = {k: v for k, v in STEP_INTS.items() if k != "T"}
+NOISE_INTS = {"phase": 1, "HW": 90000, "plane_offset": 0}
 
-def _compile(fn, sig: dict, constexprs: dict, arch: int, num_warps: int, aligned_ints: tuple):
-    """triton.compile(ASTSource) for CUDA sm_<arch>; pointers and `aligned_ints` marked 16-divisible as the JIT does."""
+
+def jit_specialisation(fn, ints: dict) -> tuple[dict, dict, dict]:
+    """(signature types, constexprs, attrs) the JIT derives from these int values: 1 becomes a constexpr, a multiple
+    of 16 gets tt.divisibility 16, |v| >= 2^31 is i64; a do_not_specialize argument gets none of these."""
+    sig, const, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        if p.name not in ints:
+            continue
+        v = ints[p.name]
+        if v == 1 and not p.do_not_specialize:
+            sig[p.name], const[p.name] = "constexpr", 1
+            continue
+        sig[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
+        if v % 16 == 0 and not (p.do_not_specialize or p.do_not_specialize_on_alignment):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, const, attrs
+
+
+def _compile(fn, pointers: dict, ints: dict, constexprs: dict, arch: int, num_warps: int):
+    """triton.compile(ASTSource) for CUDA sm_<arch> with the JIT's specialisation of `ints` (pointers 16-aligned,
+    as torch allocates them)."""
     from triton.backends.compiler import GPUTarget
 
     if interpreting():
         raise RuntimeError("compiling for a GPU target needs TRITON_INTERPRET unset when triton is imported")
-    names = list(sig)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]]
-             for n, ty in sig.items() if ty.startswith("*") or n in aligned_ints}
-    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    names = list(fn.arg_names)
+    int_sig, int_const, attrs = jit_specialisation(fn, ints)
+    sig = {**pointers, **int_sig, **{n: "constexpr" for n in constexprs}}
+    attrs.update({(names.index(n),): [["tt.divisibility", 16]] for n in pointers})
+    missing = set(names) - set(sig)
+    if missing:
+        raise ValueError(f"no value for {sorted(missing)} of {fn.__name__}")
+    src = triton.compiler.ASTSource(fn=fn, signature={n: sig[n] for n in names}, constexprs={**int_const, **constexprs},
+                                    attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "enable_fp_fusion": True})
 
 
 def compile_step_kernel(arch: int = 90, *, model_dtype=torch.bfloat16, eps_dtype=torch.float16, has_mask=True,
-                        has_noise=True, paired_noise=False, has_out=True, block=1024, num_warps=4,
-                        large_offset=True, aligned=True, fast_math=True):
+                        has_noise=True, paired_noise=False, has_out=True, block=1024, num_warps=4, ints=None,
+                        fast_math=True):
     """triton.compile the step kernel for CUDA sm_<arch> without a GPU; returns the CompiledKernel (asm: ptx, cubin).
 
-    `aligned` mirrors the JIT's specialisation of 16-aligned pointers and 16-divisible sizes (300 x 300 tiles).
+    `ints` overrides STEP_INTS: the integer arguments' values, specialised as the JIT would specialise them.
     """
-    i64 = "i64" if large_offset else "i32"
-    sig = {
-        "x_ptr": "*fp32", "eps_hat_ptr": "*" + _TRITON_DTYPE[eps_dtype], "rows_ptr": "*fp32", "step_ptr": "*i64",
-        "seed_ptr": "*i64", "model_in_ptr": "*" + _TRITON_DTYPE[model_dtype], "mi_sb": i64, "mi_sc": "i32",
-        "t_in_ptr": "*fp32", "mask_ptr": "*fp32", "m_sb": "i32", "m_sc": "i32", "x_init_ptr": "*fp32",
-        "x_out_ptr": "*fp32", "eps1_ptr": "*fp32", "eps2_ptr": "*fp32",
-        "C": "i32", "HW": "i32", "T": "i32", "plane_offset": i64,
-        "HAS_MASK": "constexpr", "HAS_NOISE": "constexpr", "PAIRED_NOISE": "constexpr", "HAS_OUT": "constexpr",
-        "BLOCK": "constexpr", "FAST_MATH": "constexpr",
-    }
+    pointers = {"x_ptr": "*fp32", "eps_hat_ptr": "*" + _TRITON_DTYPE[eps_dtype], "rows_ptr": "*fp32",
+                "step_ptr": "*i64", "seed_ptr": "*i64", "model_in_ptr": "*" + _TRITON_DTYPE[model_dtype],
+                "t_in_ptr": "*" + _TRITON_DTYPE[model_dtype], "mask_ptr": "*fp32", "x_init_ptr": "*fp32", "x_out_ptr": "*fp32",
+                "eps1_ptr": "*fp32", "eps2_ptr": "*fp32"}
     constexprs = {"HAS_MASK": has_mask, "HAS_NOISE": has_noise, "PAIRED_NOISE": paired_noise, "HAS_OUT": has_out,
                   "BLOCK": block, "FAST_MATH": fast_math}
-    aligned_ints = ("mi_sb", "mi_sc", "m_sb", "m_sc", "HW") if aligned else ()
-    return _compile(_step_kernel, sig, constexprs, arch, num_warps, aligned_ints)
+    return _compile(_step_kernel, pointers, {**STEP_INTS, **(ints or {})}, constexprs, arch, num_warps)
 
 
 def compile_initial_kernel(arch: int = 90, *, model_dtype=torch.bfloat16, has_mask=True, has_init=True,
-                           paired_noise=False, block=1024, num_warps=4, aligned=True, fast_math=True):
-    """triton.compile the initial-step kernel for CUDA sm_<arch> without a GPU."""
-    sig = {
-        "x_ptr": "*fp32", "rows_ptr": "*fp32", "seed_ptr": "*i64", "model_in_ptr": "*" + _TRITON_DTYPE[model_dtype],
-        "mi_sb": "i32", "mi_sc": "i32", "t_in_ptr": "*fp32", "mask_ptr": "*fp32", "m_sb": "i32", "m_sc": "i32",
-        "x_init_ptr": "*fp32", "init_ptr": "*fp32", "eps0_ptr": "*fp32", "eps1_ptr": "*fp32",
-        "C": "i32", "HW": "i32", "plane_offset": "i64",
-        "HAS_MASK": "constexpr", "HAS_INIT": "constexpr", "PAIRED_NOISE": "constexpr", "BLOCK": "constexpr",
-        "FAST_MATH": "constexpr",
-    }
+                           paired_noise=False, block=1024, num_warps=4, ints=None, fast_math=True):
+    """triton.compile the initial-step kernel for CUDA sm_<arch> without a GPU (`ints` overrides INITIAL_INTS)."""
+    pointers = {"x_ptr": "*fp32", "rows_ptr": "*fp32", "seed_ptr": "*i64",
+                "model_in_ptr": "*" + _TRITON_DTYPE[model_dtype], "t_in_ptr": "*" + _TRITON_DTYPE[model_dtype], "mask_ptr": "*fp32",
+                "x_init_ptr": "*fp32", "init_ptr": "*fp32", "eps0_ptr": "*fp32", "eps1_ptr": "*fp32"}
     constexprs = {"HAS_MASK": has_mask, "HAS_INIT": has_init, "PAIRED_NOISE": paired_noise, "BLOCK": block,
                   "FAST_MATH": fast_math}
-    aligned_ints = ("mi_sb", "mi_sc", "m_sb", "m_sc", "HW") if aligned else ()
-    return _compile(_initial_kernel, sig, constexprs, arch, num_warps, aligned_ints)
+    return _compile(_initial_kernel, pointers, {**INITIAL_INTS, **(ints or {})}, constexprs, arch, num_warps)
+
+
+def compile_noise_kernel(arch: int = 90, *, block=1024, num_warps=4, ints=None, fast_math=True):
+    """triton.compile philox_noise's kernel for CUDA sm_<arch> without a GPU (`ints` overrides NOISE_INTS)."""
+    pointers = {"a_ptr": "*fp32", "b_ptr": "*fp32", "seed_ptr": "*i64"}
+    return _compile(_noise_kernel, pointers, {**NOISE_INTS, **(ints or {})}, {"BLOCK": block, "FAST_MATH": fast_math},
+                    arch, num_warps)

@@ -148,3 +148,23 @@ def test_load_refuses_unknown_backends_and_missing_directories(engine_dir, tmp_p
         load(tmp_path / "nope")
     with pytest.raises(ValueError, match="unknown step implementation 'cuda'"):
         load(engine_dir, backend="torch", step="cuda")
+
+
+def test_reduced_precision_io_gets_buffers_in_the_declared_dtypes(tmp_path, engine_dir, engine):
+    """fp16 I/O (timestep included) through ONNX Runtime on CPU: every bound buffer is what the graph declares."""
+    from ddpm_engine.engine import build
+    from ddpm_engine.export.model_source import load_torch_model
+
+    build(load_torch_model(engine_dir), tmp_path / "fp16", backend="onnxruntime",
+          precision="fp16", io_precision="fp16", batch=(1, 2, 2), size=((H, W), (H, W), (H, W)))
+    half = load(tmp_path / "fp16")
+    bg, x_init, mask = inputs()
+    got = half.sample(bg, mask=mask, x_init=x_init, timesteps=8, seed=3)  # ORT refused an fp32 timestep buffer
+    want = engine.sample(bg, mask=mask, x_init=x_init, timesteps=8, seed=3)
+    assert (got - want).abs().max().item() < 0.1  # fp16 U-Net against the fp32 one, same noise
+    assert half.runner.backend.io_dtypes == {"sample": torch.float16, "timestep": torch.float16, "eps": torch.float16}
+    bufs = half.runner.buffers(2, H, W)
+    assert (bufs.sample.dtype, bufs.timestep.dtype, bufs.eps.dtype) == (torch.float16,) * 3
+    with pytest.raises(ValueError, match="buffer 'timestep' is torch.float32 on cpu, but the artefact declares "
+                                         "torch.float16"):
+        half.runner.backend.bind(bufs.sample, torch.zeros(2), bufs.eps)

@@ -130,6 +130,17 @@ def test_second_identical_build_is_a_cache_hit(engines):
     assert {p: p.stat().st_mtime_ns for p in directory.rglob("*") if p.is_file()} == mtimes
 
 
+def test_build_leaves_the_callers_model_as_it_was(tmp_path):
+    model = _tiny().double().train()  # the caller's dtype and mode; export needs fp32 and eval on CPU
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = build(model, tmp_path / "e", backend="onnxruntime", precision="fp32", batch=(1, 1, 2),
+                   size=((16, 16), (16, 16), (24, 24)))
+    assert all(m.training for m in model.modules())
+    assert all(p.dtype == torch.float64 and p.device.type == "cpu" for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert result.manifest["artefacts"]["onnx"]["verification"]["max_abs_err"] < 1e-4
+
+
 def test_changed_weights_are_not_a_cache_hit(tmp_path):
     model = _tiny()
     first = build(model, tmp_path / "e", backend="onnxruntime", batch=BATCH, size=SIZE)

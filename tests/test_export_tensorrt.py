@@ -6,11 +6,12 @@ import torch.nn.functional as F
 from onnx import TensorProto
 
 from ddpm_engine.engine.errors import BackendUnavailableError
-from ddpm_engine.export import Profile, build, convert_precision, export_onnx, parse_batch, parse_size
-from ddpm_engine.export.build import _stage_keys, resolve_backend
+from ddpm_engine.export import TOLERANCES, Profile, build, convert_precision, export_onnx, parse_batch, parse_size
+from ddpm_engine.export.build import _stage_keys, graph_verify_runtime, resolve_backend
 from ddpm_engine.export.model_source import describe_model
 from ddpm_engine.export.profile import tensorrt_shapes
-from ddpm_engine.export.tensorrt_build import TensorRTSettings, require_tensorrt, tensorrt_status
+from ddpm_engine.export.tensorrt_build import (TensorRTSettings, plan_tolerance, require_tensorrt, tensorrt_status,
+                                              unsupported_version)
 from export_standin import TinyUNet
 
 
@@ -65,6 +66,7 @@ def test_cache_key_covers_tensorrt_settings_gpu_and_version_but_keeps_the_onnx_k
     assert keys() == base  # deterministic
     for change in (dict(trt=TensorRTSettings(builder_optimization_level=5)),
                    dict(trt=TensorRTSettings(workspace_bytes=1 << 30)), dict(trt=TensorRTSettings(refit="identical")),
+                   dict(trt=TensorRTSettings(tf32=True)),
                    dict(gpu={**gpu, "name": "NVIDIA A100", "compute_capability": "8.0"}),
                    dict(libs={**libs, "tensorrt": "11.3.0"}), dict(precision="bf16")):
         other = keys(**change)
@@ -75,6 +77,29 @@ def test_cache_key_covers_tensorrt_settings_gpu_and_version_but_keeps_the_onnx_k
     ov = keys(backend="openvino", precision="bf16")
     assert keys(backend="openvino", precision="bf16", libs={**libs, "tensorrt": None})["cache_key"] == ov["cache_key"]
     assert keys(backend="openvino", precision="bf16", libs={**libs, "openvino": "2026.5"})["cache_key"] != ov["cache_key"]
+
+
+def test_fp32_plans_are_fp32_unless_tf32_is_asked_for():
+    assert TensorRTSettings().tf32 is False  # TensorRT's own default is TF32 on: the builder clears it
+    assert plan_tolerance("fp32", tf32=False) == TOLERANCES["fp32"] == 1e-4
+    assert TOLERANCES["fp32"] < plan_tolerance("fp32", tf32=True) == TOLERANCES["tf32"] < TOLERANCES["fp16"]
+    assert plan_tolerance("fp16", tf32=True) == TOLERANCES["fp16"]  # TF32 changes only what fp32 means
+
+
+def test_reduced_precision_graphs_are_verified_where_the_artefact_runs():
+    # A bf16 TensorRT build is verified on its plan: OpenVINO (the CPU bf16 runtime) is not on GPU machines.
+    assert graph_verify_runtime("bf16", "tensorrt") is None
+    assert graph_verify_runtime("bf16", "onnxruntime") == "openvino"
+    assert graph_verify_runtime("fp16", "tensorrt") == graph_verify_runtime("fp16", "onnxruntime") == "onnxruntime"
+
+
+@pytest.mark.parametrize("version,ok", [("11.4.0", True), ("10.13.3.9", True), ("10.0.1", True), ("8.6.1", False),
+                                        ("12.0.0", False), ("dev", False)])
+def test_supported_tensorrt_versions_are_10_and_11(version, ok):
+    reason = unsupported_version(version)
+    assert (reason is None) == ok
+    if not ok:
+        assert "10.x or 11.x" in reason or "unreadable" in reason
 
 
 def test_bf16_graph_for_tensorrt_keeps_resize_fp32(tmp_path):
@@ -120,6 +145,12 @@ def test_tensorrt_plan_matches_pytorch(export_net, tmp_path, precision):
     entry = result.manifest["artefacts"]["tensorrt"]
     v = entry["verification"]
     print(f"{name} TensorRT {precision}: max abs error vs PyTorch {v['max_abs_err']:.3g} (tolerance {v['tolerance']:g})")
+    # The stated bound: max|eps - eps_torch| / max(1, max|eps_torch|) within TOLERANCES (fp32 1e-4, TF32 off).
+    assert entry["settings"]["tf32"] is False and v["tolerance"] == TOLERANCES[precision]
+    assert v["worst"]["scaled_err"] <= TOLERANCES[precision]
+    if precision == "bf16":  # verified on the plan, not through OpenVINO
+        assert "verification" not in result.manifest["artefacts"]["onnx_bf16"]
+        assert result.manifest["artefacts"]["onnx_bf16"]["verified_as"] == "tensorrt"
     assert entry["gpu"]["compute_capability"] and entry["library"]["name"] == "tensorrt"
     assert (tmp_path / "eng" / "tensorrt" / "timing.cache").stat().st_size > 0
 

@@ -1,5 +1,6 @@
 """The fused step kernels compile for sm_90 (H100/H200) without a GPU: catches what the interpreter accepts but
-the compiler rejects, and checks the generated PTX for what the interpreter cannot show (no mask or Philox
+the compiler rejects (every kernel with each integer argument at 1, at a multiple of 16 and at another value: the
+specialisations the JIT makes), and checks the generated PTX for what the interpreter cannot show (no mask or Philox
 work on paths that do not need it, 128-bit vector accesses on aligned tiles).
 
 Runs in a subprocess without TRITON_INTERPRET (the @triton.jit decorator picks interpreter or compiler at
@@ -31,7 +32,8 @@ SCRIPT = textwrap.dedent(r"""
         "ddim_mask_fp16": dict(model_dtype=torch.float16, eps_dtype=torch.float16, has_noise=False),
         "ddpm_plain_fp32": dict(model_dtype=torch.float32, eps_dtype=torch.float32, has_mask=False),
         "paired_mask": dict(paired_noise=True),
-        "unaligned_i32": dict(aligned=False, large_offset=False),
+        "unaligned": dict(ints=dict(mi_sb=2 * 90300, mi_sc=90300, m_sb=90300, m_sc=90300, HW=90300)),
+        "large_offset": dict(ints=dict(mi_sb=2**31 + 2 * 90000, plane_offset=2**40)),
         "precise_math": dict(fast_math=False),
     }
     for name, kw in configs.items():
@@ -49,6 +51,17 @@ SCRIPT = textwrap.dedent(r"""
                                                                     has_init=False)}.items():
         ck = k.compile_initial_kernel(90, **kw)
         out[name] = dict(cubin=len(ck.asm["cubin"]), philox="mul.hi.u32" in ck.asm["ptx"])
+    # Each integer argument at 1 (a constexpr unless do_not_specialize), at a multiple of 16 and at another value.
+    failures = {}
+    for compile_fn, ints in ((k.compile_step_kernel, k.STEP_INTS), (k.compile_initial_kernel, k.INITIAL_INTS),
+                             (k.compile_noise_kernel, k.NOISE_INTS)):
+        for name in ints:
+            for value in (1, 4096, 7):
+                try:
+                    compile_fn(90, ints={name: value})
+                except Exception as exc:  # noqa: BLE001 - reported per case by the test
+                    failures[f"{compile_fn.__name__} {name}={value}"] = str(exc).strip().splitlines()[-1][:300]
+    out["specialisation_failures"] = failures
     print("RESULT " + json.dumps(out))
 """)
 
@@ -66,7 +79,12 @@ def compiled(tmp_path_factory):
     return json.loads(line[len("RESULT "):])
 
 
+def test_every_kernel_compiles_with_each_integer_argument_at_1_at_16k_and_at_another_value(compiled):
+    assert compiled["specialisation_failures"] == {}
+
+
 def test_every_kernel_variant_compiles_to_an_sm90_cubin(compiled):
+    compiled = {k: v for k, v in compiled.items() if k != "specialisation_failures"}
     for name, info in compiled.items():
         assert info["cubin"] > 1000, name
     assert all(info["target"].startswith("sm_90") for name, info in compiled.items() if "target" in info)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ddpm_engine.engine import load
-from ddpm_engine.engine.batcher import Batcher, Job, QueueFull, ShuttingDown, run_group, split_groups
+from ddpm_engine.serve.batcher import Batcher, Job, QueueFull, ShuttingDown, run_group, split_groups
 
 H = W = 8
 
@@ -63,24 +63,30 @@ def test_split_groups_keeps_keys_apart_and_rows_bounded():
     assert [[a.index(j) for j in g] for g in groups] == [[0, 1], [2], [3], [4]]
 
 
+# Settings that must never share an engine call; the first two differ only in the sampler.
+MIXED = [dict(sampler="ddpm"), dict(sampler="ddim"), dict(sampler="ddim", eta=0.5),
+         dict(sampler="ddpm", t_start=0.8, t_end=0.1)]
+
+
 def test_batcher_batches_mixed_requests_and_each_result_is_exact(engine):
     sizes = []
     batcher = Batcher(engine, max_queue=16, window_s=0.2, on_batch=lambda rows, s: sizes.append(rows))
     try:
         jobs = []
-        for k in range(6):  # two keys (masked or not), rows 1 or 2, all seeds different
+        for k in range(12):  # samplers, t_start/t_end, eta, masked or not, rows 1 or 2, all seeds different
             bg, mask, x_init = arrays(1 + k % 2, 10 + k)
             masked = k % 3 == 0
             jobs.append(Job(bg, mask=mask if masked else None, x_init=x_init if masked else None, timesteps=4,
-                            seed=100 + k))
+                            seed=100 + k, **MIXED[k % 4]))
         futures = [batcher.submit(j) for j in jobs]
         results = [f.result(timeout=60) for f in futures]
     finally:
         batcher.close()
     for job, got in zip(jobs, results):
-        want = engine.sample(job.background, mask=job.mask, x_init=job.x_init, timesteps=4, seed=job.seed)
-        np.testing.assert_array_equal(got, want)
-    assert sum(sizes) == sum(j.rows for j in jobs) and max(sizes) > 2  # several requests shared engine calls
+        want = engine.sample(job.background, mask=job.mask, x_init=job.x_init, timesteps=4, seed=job.seed,
+                             sampler=job.sampler, t_start=job.t_start, t_end=job.t_end, eta=job.eta)
+        np.testing.assert_array_equal(got, want, err_msg=f"{job.sampler} {job.t_start} {job.t_end} {job.eta}")
+    assert sum(sizes) == sum(j.rows for j in jobs) and len(sizes) < len(jobs)  # requests shared engine calls
 
 
 def test_full_queue_refuses_and_close_finishes_or_rejects(engine):

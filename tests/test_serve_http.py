@@ -14,17 +14,16 @@ import time
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 
 from ddpm_engine.engine import load
-from ddpm_engine.engine.serve_http import Service
+from ddpm_engine.serve.serve_http import Service, make_server
 
 H = W = 8
 URL = "/v2/models/tiny"
 
 
 class Running:
-    """A Service under uvicorn in a thread, on a free loopback port."""
+    """A Service under the shipped uvicorn server (make_server) in a thread, on a free loopback port."""
 
     def __init__(self, engine, **kwargs):
         self.service = Service(engine, "tiny", **kwargs)
@@ -32,8 +31,7 @@ class Running:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.base = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.service.app, log_level="warning", lifespan="on", timeout_graceful_shutdown=10)
-        self.server = uvicorn.Server(config)
+        self.server = make_server(self.service, log_level="warning")
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20
@@ -241,6 +239,19 @@ BG = tile(0)[0]
     (json.dumps(infer_json(BG, seed=-3)).encode(), {}, 400, r"seed must be an integer in \[0, 2\^63\)"),
     (json.dumps(infer_json(np.where(BG > 0.5, np.nan, BG))).encode(), {}, 400, "input 'background' contains NaN"),
     (json.dumps(infer_json(BG) | {"outputs": [{"name": "eps"}]}).encode(), {}, 400, "unknown output 'eps'"),
+    (json.dumps(infer_json(BG, timestep=4, seeed=9)).encode(), {}, 400,
+     r"unknown parameter 'timestep' in the request; accepted: \['timesteps', 'sampler', 'seed', 't_start', 't_end', "
+     r"'eta', 'binary_data_output', 'timeout', 'priority'\]"),
+    (json.dumps(infer_json(BG, timesteps=2, binary_data_output="false")).encode(), {}, 400,
+     "parameter 'binary_data_output' must be a JSON boolean"),
+    (json.dumps(infer_json(BG) | {"outputs": [{"name": "sample", "parameters": {"binary_data": "true"}}]}).encode(),
+     {}, 400, "parameter 'binary_data' must be a JSON boolean"),
+    (json.dumps(infer_json(BG) | {"outputs": [{"name": "sample", "parameters": {"classification": 3}}]}).encode(),
+     {}, 400, "unknown parameter 'classification' of output 'sample'"),
+    (json.dumps({"inputs": [json_input("background", BG) | {"parameters": {"shared_memory_region": "r"}}]}).encode(),
+     {}, 400, r"unknown parameter 'shared_memory_region' of input 'background'; accepted: \['binary_data_size'\]"),
+    (json.dumps(infer_json(BG, timesteps=4.5)).encode(), {}, 400, "parameter 'timesteps' must be int, got 4.5"),
+    (json.dumps(infer_json(BG, seed=True)).encode(), {}, 400, "parameter 'seed' must be int, got True"),
     (infer_binary(BG)[0][:-4], infer_binary(BG)[1], 400, "binary bytes, 256 declared"),
     (infer_binary(BG)[0] + b"xx", infer_binary(BG)[1], 400, "2 binary bytes after the declared inputs"),
     (infer_binary(BG)[0], {"Inference-Header-Content-Length": "99999"}, 400, "outside the body"),
@@ -252,6 +263,71 @@ def test_bad_requests_are_refused_naming_the_problem(server, body, headers, stat
     r = httpx.post(server.base + URL + "/infer", content=body, headers=headers, timeout=30)
     assert r.status_code == status, r.text
     assert re.search(message, r.json()["error"]), r.json()["error"]
+
+
+def test_integral_json_numbers_and_tritonclient_parameters_are_accepted(server, engine):
+    r = httpx.post(server.base + URL + "/infer", json=infer_json(BG, timesteps=4.0, seed=9.0, t_end=0, priority=1,
+                                                                   timeout=10**7), timeout=30)
+    assert r.status_code == 200, r.text
+    np.testing.assert_array_equal(output(r), engine.sample(BG, timesteps=4, seed=9))
+
+
+MIXED = [dict(sampler="ddpm"), dict(sampler="ddim"), dict(sampler="ddim", eta=0.5),
+         dict(sampler="ddpm", t_start=0.8, t_end=0.1)]
+
+
+def test_a_burst_of_mixed_settings_gets_each_its_own_result(engine):
+    """Samplers, t_start/t_end, eta and masks mixed in one burst: each reply equals its own direct call."""
+    sizes = []
+    gated = Gated(engine)
+    running = Running(gated, max_queue=16, batch_window_ms=20)
+    running.service.batcher.on_batch = lambda rows, s: sizes.append(rows)
+    post = lambda body: httpx.post(running.base + URL + "/infer", json=body, timeout=60)  # noqa: E731
+    try:
+        requests = []
+        for k in range(8):
+            bg, x_init, mask = tile(300 + k, rows=1 + k % 2)
+            masked = k % 3 == 0
+            requests.append((bg, mask if masked else None, x_init if masked else None, MIXED[k % 4], 50 + k))
+        with concurrent.futures.ThreadPoolExecutor(9) as pool:
+            gated.gate.clear()  # a first request holds the engine while the burst queues up behind it
+            first = pool.submit(post, infer_json(BG, timesteps=2))
+            deadline = time.monotonic() + 30
+            while running.metric("ddpm_engine_inflight_requests") < 1 or running.metric("ddpm_engine_queue_depth"):
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            calls = [pool.submit(post, infer_json(bg, mask, x_init, timesteps=4, seed=seed, **settings))
+                     for bg, mask, x_init, settings, seed in requests]
+            while running.metric("ddpm_engine_queue_depth") < len(requests):
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            gated.gate.set()
+            answers = [c.result() for c in calls]
+            assert first.result().status_code == 200
+    finally:
+        gated.gate.set()
+        running.stop()
+    for (bg, mask, x_init, settings, seed), r in zip(requests, answers):
+        assert r.status_code == 200, r.text
+        want = engine.sample(bg, mask=mask, x_init=x_init, timesteps=4, seed=seed, **settings)
+        np.testing.assert_array_equal(output(r), want, err_msg=str(settings))
+    assert len(sizes) < len(requests) + 1  # some requests shared an engine call
+
+
+def test_idle_connections_lock_no_one_out_and_time_out(engine):
+    running = Running(engine, max_queue=2, read_timeout_s=1.0)
+    idle = [socket.create_connection(("127.0.0.1", running.port)) for _ in range(63)]  # connect, send nothing
+    try:
+        r = httpx.post(running.base + URL + "/infer", json=infer_json(BG, timesteps=2), timeout=30)
+        assert r.status_code == 200 or (r.status_code == 503 and r.headers["retry-after"] and r.json()["error"])
+        assert httpx.get(running.base + "/v2/health/ready", timeout=10).json() == {"ready": True}
+        for s in idle:  # the server hangs up on a connection that sends no request within read_timeout_s
+            s.settimeout(10)
+            assert s.recv(1) == b""
+    finally:
+        for s in idle:
+            s.close()
+        running.stop()
 
 
 def test_huge_chunked_body_is_cut_off(server):
@@ -384,7 +460,8 @@ def test_unmodified_tritonclient(server, engine):
             tensor.set_data_from_numpy(array, binary_data=binary)
             inputs.append(tensor)
         outputs = [httpclient.InferRequestedOutput("sample", binary_data=binary)]
-        result = client.infer("tiny", inputs, outputs=outputs, parameters={"timesteps": 4, "seed": 5})
+        result = client.infer("tiny", inputs, outputs=outputs, parameters={"timesteps": 4, "seed": 5}, priority=1,
+                              timeout=10**7)  # tritonclient's own parameters: accepted and ignored
         np.testing.assert_array_equal(result.as_numpy("sample"), want)
     result = client.infer("tiny", inputs, parameters={"timesteps": 4, "seed": 5})  # default: binary output
     np.testing.assert_array_equal(result.as_numpy("sample"), want)
@@ -396,34 +473,68 @@ def test_unmodified_tritonclient(server, engine):
 
 
 def test_cli_serves_until_sigterm(tiny_engine_dir):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "ddpm_engine.engine.cli", "serve", str(tiny_engine_dir),
-                             "--port", str(port), "--name", "sst", "--max-queue", "2", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    port, proc = start_cli(tiny_engine_dir, "--max-queue", "2")
     try:
-        line = json.loads(proc.stdout.readline())
-        assert line["serving"] == "sst" and line["url"].endswith(f":{port}/v2/models/sst")
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v2/models/sst/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
-            time.sleep(0.1)
         r = httpx.post(f"http://127.0.0.1:{port}/v2/models/sst/infer", json=infer_json(BG, timesteps=2), timeout=30)
         assert r.status_code == 200
         proc.send_signal(signal.SIGTERM)
-        # uvicorn drains, then re-raises the signal it caught, as servers conventionally do
-        assert proc.wait(30) in (0, -signal.SIGTERM)
+        assert proc.wait(30) == 0  # a drained stop is a success (Docker, Kubernetes, set -e scripts)
         assert "Traceback" not in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cli_sigterm_with_requests_running_and_queued_answers_each_and_exits_0(tiny_engine_dir, engine):
+    port, proc = start_cli(tiny_engine_dir, "--max-batch", "1", "--max-queue", "8", "--timeout-s", "30")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        jobs = [(tile(400 + k)[0], 500 + k) for k in range(4)]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            calls = [pool.submit(httpx.post, base + "/v2/models/sst/infer", json=infer_json(bg, timesteps=200, seed=s),
+                                 timeout=120) for bg, s in jobs]
+            deadline = time.monotonic() + 60
+            while not re.search(r"^ddpm_engine_queue_depth [2-9]", httpx.get(base + "/metrics").text, re.M):
+                assert time.monotonic() < deadline and proc.poll() is None, "requests never queued"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)  # one request running, two or three queued
+            answers = [c.result() for c in calls]
+        assert proc.wait(60) == 0
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    codes = [r.status_code for r in answers]
+    assert codes[0] == 200, codes
+    for (bg, seed), r in zip(jobs, answers):
+        if r.status_code == 503:  # a clean rejection: JSON naming the shutdown
+            assert "shut" in r.json()["error"] and r.headers["retry-after"]
+            continue
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(output(r), engine.sample(bg, timesteps=200, seed=seed))
+
+
+def start_cli(engine_dir, *flags):
+    """`ddpm-engine serve` in a subprocess as model 'sst' on a free port, once it answers ready: (port, process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "ddpm_engine.engine.cli", "serve", str(engine_dir), "--port",
+                             str(port), "--name", "sst", "--log-level", "warning", *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = json.loads(proc.stdout.readline())
+    assert line["serving"] == "sst" and line["url"].endswith(f":{port}/v2/models/sst")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v2/models/sst/ready").status_code == 200:
+                return port, proc
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+        time.sleep(0.1)
 
 
 def test_cli_refuses_a_missing_engine_in_one_line(tmp_path):

@@ -19,7 +19,7 @@ H = W = 8
 
 @pytest.fixture(scope="module")
 def ray_server(tiny_engine_dir):
-    from ddpm_engine.engine import serve_ray
+    from ddpm_engine.serve import serve_ray
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

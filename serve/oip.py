@@ -19,7 +19,12 @@ INPUTS = ("background", "mask", "x_init")
 OUTPUT = "sample"
 VERSION = "1"
 DTYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2"), "FP64": np.dtype("<f8")}
-PARAMETERS = {"timesteps": int, "sampler": str, "seed": int, "t_start": float, "t_end": float}
+# Request parameters this model takes, with their defaults (also listed in the model metadata).
+PARAMETERS = {"timesteps": 300, "sampler": "ddpm", "seed": 0, "t_start": 1.0, "t_end": 0.0, "eta": 0.0}
+# tritonclient's own request parameters: accepted, and ignored (the server's --timeout-s is every request's
+# deadline; requests are served in arrival order).
+IGNORED = ("timeout", "priority")
+ACCEPTED = (*PARAMETERS, "binary_data_output", *IGNORED)
 
 
 class ProtocolError(Exception):
@@ -55,7 +60,9 @@ def model_metadata(engine, name: str) -> dict:
                        "max_size": list(size[1]) if size else None,
                        "request_parameters": {"timesteps": "int (default 300)", "sampler": "ddpm | ddim",
                                               "seed": "int (default 0)", "t_start": "float (default 1.0)",
-                                              "t_end": "float (default 0.0)"}},
+                                              "t_end": "float (default 0.0)", "eta": "float (default 0.0, ddim)",
+                                              "binary_data_output": "bool (default false)",
+                                              "timeout": "ignored", "priority": "ignored"}},
     }
 
 
@@ -99,6 +106,7 @@ def _tensor(spec, binary: memoryview, offset: int) -> tuple[str, np.ndarray, int
     params = spec.get("parameters") or {}
     if not isinstance(params, dict):
         raise ProtocolError(400, f"input {name!r}: parameters must be a JSON object")
+    _check_keys(f"of input {name!r}", params, ("binary_data_size",))
     size = params.get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size != count * dtype.itemsize:
@@ -128,14 +136,35 @@ def _tensor(spec, binary: memoryview, offset: int) -> tuple[str, np.ndarray, int
     return name, array, offset
 
 
-def _parameter(params: dict, name: str, default):
+def _check_keys(where: str, params: dict, accepted) -> None:
+    """400 for a key the server would otherwise silently ignore (a typo like 'seeed' must not run with seed 0)."""
+    unknown = [k for k in params if k not in accepted]
+    if unknown:
+        raise ProtocolError(400, f"unknown parameter {unknown[0]!r} {where}; accepted: {list(accepted)}")
+
+
+def _parameter(params: dict, name: str):
+    """A request parameter as the type of its default: JSON's 4.0 is the integer 4, but 4.5 and true are refused."""
+    default = PARAMETERS[name]
     value = params.get(name, default)
-    want = PARAMETERS[name]
-    ok = isinstance(value, want) and not isinstance(value, bool)
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
+    want = type(default)
+    if isinstance(value, bool):
+        ok = False
+    elif want is int:
+        ok = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    elif want is float:
+        ok = isinstance(value, (int, float))
+    else:
+        ok = isinstance(value, str)
     if not ok:
         raise ProtocolError(400, f"parameter {name!r} must be {want.__name__}, got {value!r}")
+    return want(value)
+
+
+def _flag(params: dict, name: str, default: bool) -> bool:
+    value = params.get(name, default)
+    if not isinstance(value, bool):  # bool("false") is True: a string would silently mean the opposite
+        raise ProtocolError(400, f"parameter {name!r} must be a JSON boolean (true or false), got {value!r}")
     return value
 
 
@@ -158,15 +187,14 @@ def parse_infer(body: bytes, header_length: str | None, engine, max_timesteps: i
     params = header.get("parameters") or {}
     if not isinstance(params, dict):
         raise ProtocolError(400, "request parameters must be a JSON object")
+    _check_keys("in the request", params, ACCEPTED)
     job = Job(arrays["background"], mask=arrays.get("mask"), x_init=arrays.get("x_init"),
-              timesteps=_parameter(params, "timesteps", 300), sampler=_parameter(params, "sampler", "ddpm"),
-              t_start=_parameter(params, "t_start", 1.0), t_end=_parameter(params, "t_end", 0.0),
-              seed=_parameter(params, "seed", 0))
+              **{name: _parameter(params, name) for name in PARAMETERS})
     if not 1 <= job.timesteps <= max_timesteps:
         raise ProtocolError(400, f"parameter 'timesteps' must be in [1, {max_timesteps}] on this server, "
                                  f"got {job.timesteps}")
     validate(engine, job)
-    binary_out = bool(params.get("binary_data_output", False))
+    binary_out = _flag(params, "binary_data_output", False)
     outputs = header.get("outputs")
     if outputs is not None:
         if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
@@ -174,7 +202,11 @@ def parse_infer(body: bytes, header_length: str | None, engine, max_timesteps: i
         for out in outputs:
             if out.get("name") != OUTPUT:
                 raise ProtocolError(400, f"unknown output {out.get('name')!r}; this model has [{OUTPUT!r}]")
-            binary_out = bool((out.get("parameters") or {}).get("binary_data", binary_out))
+            out_params = out.get("parameters") or {}
+            if not isinstance(out_params, dict):
+                raise ProtocolError(400, f"output {OUTPUT!r}: parameters must be a JSON object")
+            _check_keys(f"of output {OUTPUT!r}", out_params, ("binary_data",))
+            binary_out = _flag(out_params, "binary_data", binary_out)
     request_id = header.get("id")
     return job, {"id": request_id if isinstance(request_id, str) else None, "binary": binary_out}
 
@@ -183,8 +215,8 @@ def validate(engine, job: Job) -> None:
     """Everything Engine.sample would refuse, checked before the job can share a batch (ProtocolError 400)."""
     import torch
 
-    from .samplers import step_table
-    from .validation import check_sample_inputs, check_seed
+    from ddpm_engine.engine.samplers import step_table
+    from ddpm_engine.engine.validation import check_sample_inputs, check_seed
 
     bg = job.background
     t = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
@@ -192,7 +224,7 @@ def validate(engine, job: Job) -> None:
         engine.check_background(t(bg))
         rows = bg.shape[0] if job.x_init is None else job.x_init.shape[0]
         check_sample_inputs(t(bg), (rows, engine.c_out) + bg.shape[2:], t(job.mask), t(job.x_init))
-        step_table(engine.schedule, job.sampler, job.timesteps, job.t_start, job.t_end)
+        step_table(engine.schedule, job.sampler, job.timesteps, job.t_start, job.t_end, eta=job.eta)
         check_seed(job.seed)
     except ValueError as exc:
         raise ProtocolError(400, str(exc)) from None

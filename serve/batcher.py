@@ -44,6 +44,7 @@ class Job:
     sampler: str = "ddpm"
     t_start: float = 1.0
     t_end: float = 0.0
+    eta: float = 0.0
     seed: int = 0
     deadline: float = math.inf  # time.monotonic() after which the job is dropped unstarted
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
@@ -56,13 +57,13 @@ class Job:
     @property
     def key(self) -> tuple:
         """Everything that must be equal for two jobs to share one sampling call (the seed need not be)."""
-        return (self.timesteps, self.sampler, float(self.t_start), float(self.t_end), self.background.shape[1:],
-                self.mask is not None, self.x_init is not None)
+        return (self.timesteps, self.sampler, float(self.t_start), float(self.t_end), float(self.eta),
+                self.background.shape[1:], self.mask is not None, self.x_init is not None)
 
 
 def _sample_one(engine, job: Job) -> np.ndarray:
     return engine.sample(job.background, mask=job.mask, x_init=job.x_init, timesteps=job.timesteps,
-                         sampler=job.sampler, t_start=job.t_start, t_end=job.t_end, seed=job.seed)
+                         sampler=job.sampler, t_start=job.t_start, t_end=job.t_end, eta=job.eta, seed=job.seed)
 
 
 def run_group(engine, jobs: list[Job]) -> list:
@@ -80,7 +81,7 @@ def run_group(engine, jobs: list[Job]) -> list:
 
         try:
             out = engine.sample(cat("background"), mask=cat("mask"), x_init=cat("x_init"), timesteps=first.timesteps,
-                                sampler=first.sampler, t_start=first.t_start, t_end=first.t_end,
+                                sampler=first.sampler, t_start=first.t_start, t_end=first.t_end, eta=first.eta,
                                 segments=[(j.rows, j.seed) for j in jobs])
             return list(np.split(out, np.cumsum([j.rows for j in jobs])[:-1]))
         except ValueError:

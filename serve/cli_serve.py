@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .backends import BACKENDS
+from ddpm_engine.engine.backends import BACKENDS
 
 
 def _positive(kind):
@@ -22,9 +22,10 @@ def register(subparsers) -> None:
         help="serve an engine over HTTP (KServe v2 / Open Inference Protocol)",
         description="Serve an engine directory over HTTP with the Open Inference Protocol (KServe v2 REST, binary "
         "tensor extension): POST /v2/models/NAME/infer with inputs background [B, C_bg, H, W], optional mask and "
-        "x_init, and parameters timesteps, sampler, seed, t_start, t_end. Concurrent requests with the same "
+        "x_init, and parameters timesteps, sampler, seed, t_start, t_end, eta (others are refused with a 400; "
+        "tritonclient's timeout and priority are ignored). Concurrent requests with the same "
         "settings are batched; each result equals a direct Engine.sample with the request's own seed. Stop with "
-        "Ctrl-C / SIGTERM: queued requests are finished (or rejected after --timeout-s).")
+        "Ctrl-C / SIGTERM: queued requests are finished (or rejected after --timeout-s); a drained SIGTERM exits 0.")
     p.add_argument("engine", metavar="DIR", help="engine directory written by `ddpm-engine build`")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
@@ -40,7 +41,8 @@ def register(subparsers) -> None:
     p.add_argument("--timeout-s", type=_positive(float), default=60.0,
                    help="per-request deadline (504 after it); also the drain time at shutdown")
     p.add_argument("--read-timeout-s", type=_positive(float), default=10.0,
-                   help="time a client gets to send its request body (408 after it)")
+                   help="time a client gets to send its request body (408 after it), and an idle connection to send a "
+                   "request (closed after it)")
     p.add_argument("--max-body-mb", type=_positive(float), default=64.0, help="largest request body (413 above)")
     p.add_argument("--max-timesteps", type=_positive(int), default=1000, help="largest timesteps a request may ask")
     p.add_argument("--ray", action="store_true", help="serve with Ray Serve instead (needs ddpm-engine[ray])")

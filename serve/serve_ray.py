@@ -32,7 +32,7 @@ def make_deployment(max_batch: int, batch_window_ms: float):
     class EngineDeployment:
         def __init__(self, directory: str, name: str, backend: str | None = None, threads: int | None = None,
                      max_body_bytes: int = 64 << 20, max_timesteps: int = 1000):
-            from .api import load
+            from ddpm_engine.engine.api import load
 
             self.engine = load(directory, backend=backend, threads=threads)
             self.name, self.max_body_bytes, self.max_timesteps = name, max_body_bytes, max_timesteps

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import threading
 import time
 
@@ -217,24 +218,75 @@ def model_name(directory) -> str:
     return Path(directory).resolve().name
 
 
-def serve(directory, host: str = "127.0.0.1", port: int = 8000, name: str | None = None, backend: str | None = None,
-          threads: int | None = None, log_level: str = "info", **service_kwargs) -> None:
-    """Load an engine directory and serve it until SIGINT/SIGTERM (then drain: finish or reject the queue)."""
+def _request_head_deadline(seconds: float):
+    """uvicorn's HTTP protocol, closing a connection that sends no complete request head within `seconds` of
+    opening or of its last response: uvicorn itself waits forever for a first request, so idle or slow sockets
+    would pile up for as long as their clients keep them open."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+    except ImportError:  # uvicorn without httptools speaks h11
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base
+
+    class Protocol(base):
+        _head_deadline = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm_head_deadline()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._arm_head_deadline()
+
+        def connection_lost(self, exc):
+            if self._head_deadline is not None:
+                self._head_deadline.cancel()
+            super().connection_lost(exc)
+
+        def _arm_head_deadline(self):
+            if self._head_deadline is not None:
+                self._head_deadline.cancel()
+            self._head_deadline = self.loop.call_later(seconds, self._head_overdue)
+
+        def _head_overdue(self):
+            self._head_deadline = None
+            if self.cycle is None or self.cycle.response_complete:  # no request is being read or answered
+                self.timeout_keep_alive_handler()  # uvicorn's own close of an idle connection
+
+    return Protocol
+
+
+def make_server(service: Service, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"):
+    """The uvicorn server for a service: SIGTERM/SIGINT drain it (a drained SIGTERM exits 0), idle connections
+    time out after read_timeout_s, and overload is the queue's JSON 503 with Retry-After.
+
+    No limit_concurrency: uvicorn counts idle connections against it and answers everything beyond it, health
+    checks included, with a bare text 503 without Retry-After, so a few idle sockets could lock everyone out.
+    """
     import uvicorn
 
-    from .api import load
-
-    engine = load(directory, backend=backend, threads=threads)
-    service = Service(engine, name or model_name(directory), **service_kwargs)
-
-    class _Server(uvicorn.Server):
+    class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
             service.begin_shutdown()
             super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM and sig in self._captured_signals:
+                # uvicorn re-raises a caught signal after its shutdown (status 143); a drained stop is a success.
+                self._captured_signals.remove(sig)
 
     config = uvicorn.Config(service.app, host=host, port=port, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=int(max(service.timeout_s, service.drain_timeout_s)) + 5,
-                            limit_concurrency=max(64, 4 * service.batcher.max_queue))
+                            http=_request_head_deadline(service.read_timeout_s),
+                            timeout_graceful_shutdown=int(max(service.timeout_s, service.drain_timeout_s)) + 5)
+    return Server(config)
+
+
+def serve(directory, host: str = "127.0.0.1", port: int = 8000, name: str | None = None, backend: str | None = None,
+          threads: int | None = None, log_level: str = "info", **service_kwargs) -> None:
+    """Load an engine directory and serve it until SIGINT/SIGTERM (then drain: finish or reject the queue)."""
+    from ddpm_engine.engine.api import load
+
+    engine = load(directory, backend=backend, threads=threads)
+    service = Service(engine, name or model_name(directory), **service_kwargs)
+    server = make_server(service, host, port, log_level)
     print(json.dumps({"serving": service.name, "url": f"http://{host}:{port}/v2/models/{service.name}",
                       "backend": engine.backend, "max_batch": service.batcher.max_batch}), flush=True)
-    _Server(config).run()
+    server.run()

@@ -1,0 +1,1 @@
+"""ddpm_engine.serve: an Engine as a service (Open Inference Protocol over HTTP, dynamic batching, Ray Serve)."""

@@ -12,7 +12,8 @@ from typing import Callable
 
 from ddpm_engine.engine.errors import EngineError, EngineFileError
 
-from .engine_dir import check_engine_dir, clean_stale_staging, hash_files, staging_dir, verify_files
+from .engine_dir import check_engine_dir, hash_files, verify_files
+from .staging import clean_stale_staging, staging_dir
 from .manifest import (BACKENDS, FORMAT, FORMAT_VERSION, gpu_info, library_versions, read_manifest, sha256_json,
                        write_manifest)
 from .model_source import describe_model, resolve_model, save_model_checkpoint

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from ddpm_engine.engine.errors import EngineFileError
 
-MANIFEST = "engine.json"
+from .staging import MANIFEST, restore_set_aside
+
 FORMAT = "ddpm-engine"
 FORMAT_VERSION = 1
 BACKENDS = ("tensorrt", "onnxruntime", "openvino", "torch")
@@ -100,8 +101,6 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     path = directory / MANIFEST
     rebuild = f"rebuild it with `ddpm-engine build MODEL -o {directory}`"
     if not directory.exists():
-        from .engine_dir import restore_set_aside
-
         restore_set_aside(directory)  # a build killed mid-swap (no atomic exchange here) set the engine aside
     if not directory.exists():
         raise EngineFileError(f"engine directory {directory} does not exist; build it with "

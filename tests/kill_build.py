@@ -2,7 +2,7 @@
 
     python kill_build.py TARGET MODULE ATTR [--no-exchange]
 
-MODULE ATTR: the call to die after, e.g. `build export_onnx` (ddpm_engine.export.build.export_onnx), `engine_dir
+MODULE ATTR: the call to die after, e.g. `build export_onnx` (ddpm_engine.export.build.export_onnx), `staging
 _exchange`, or `os rename` (the first os.rename of the process). --no-exchange: run commit_staging's fallback for
 systems without renameat2. Used by test_export_build.py; not collected (no test_ prefix), ships nothing.
 """
@@ -15,7 +15,7 @@ import torch
 
 from export_standin import TinyUNet, single_thread
 
-MODULES = {"build": "ddpm_engine.export.build", "engine_dir": "ddpm_engine.export.engine_dir", "os": "os"}
+MODULES = {"build": "ddpm_engine.export.build", "staging": "ddpm_engine.export.staging", "os": "os"}
 
 
 def die_after(module, name):
@@ -31,9 +31,9 @@ def die_after(module, name):
 def main(target, module, attr, *flags):
     from ddpm_engine.export import build
 
-    engine_dir = importlib.import_module(MODULES["engine_dir"])
+    staging = importlib.import_module(MODULES["staging"])
     if "--no-exchange" in flags:
-        engine_dir._exchange = lambda a, b: False
+        staging._exchange = lambda a, b: False
     die_after(importlib.import_module(MODULES[module]), attr)
     torch.manual_seed(1)  # other weights than the engine already there: every stage runs, nothing is reused
     with single_thread():

@@ -192,7 +192,7 @@ def test_failed_rebuild_keeps_the_previous_engine_intact(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
 def test_failed_install_rename_keeps_the_previous_engine(tmp_path, monkeypatch, exchange):
-    from ddpm_engine.export import engine_dir
+    from ddpm_engine.export import staging
 
     target = tmp_path / "eng"
     build(_tiny(), target, backend="onnxruntime", batch=BATCH, size=SIZE, verify=False)
@@ -205,7 +205,7 @@ def test_failed_install_rename_keeps_the_previous_engine(tmp_path, monkeypatch, 
         return real_rename(src, dst, *args, **kwargs)
 
     monkeypatch.setattr(os, "rename", refuse_install)
-    monkeypatch.setattr(engine_dir, "_exchange", refuse_install if exchange else lambda a, b: False)
+    monkeypatch.setattr(staging, "_exchange", refuse_install if exchange else lambda a, b: False)
     with pytest.raises(OSError, match="injected"):
         build(_other_tiny(), target, backend="onnxruntime", batch=BATCH, size=SIZE, verify=False)
     assert read_manifest(target) == before
@@ -220,7 +220,7 @@ KILLS = {
     "onnx-exported": ("build export_onnx", "old"),
     "openvino-ir-written": ("build _openvino_stage", "old"),
     "manifest-written": ("build write_manifest", "old"),
-    "engines-exchanged": ("engine_dir _exchange", "new"),
+    "engines-exchanged": ("staging _exchange", "new"),
     "old-set-aside-without-renameat2": ("os rename --no-exchange", "old"),
 }
 

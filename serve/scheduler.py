@@ -117,18 +117,9 @@ class StepScheduler:
     def _evict_gone(self) -> None:
         """Free at this step boundary the slots of requests whose client went away or whose deadline passed."""
         now = time.monotonic()
-        gone = {r for r in self._running.values() if r.gone or now > r.job.deadline}
-        if not gone:
-            return
-        parts = [p for p, r in self._running.items() if r in gone]
-        self.slots.evict(parts)
-        for request in gone:
-            for p in request.parts:
-                self._running.pop(p, None)
-            with self._cond:
-                if request in self._queue:
-                    self._queue.remove(request)
-            _finish(request.job, RequestTimeout("the request passed its deadline while running"))
+        gone = [p for p, r in self._running.items() if r.gone or now > r.job.deadline]
+        if gone:  # a cancelled request's future takes no exception: only the expired ones hear of it
+            self._fail(gone, RequestTimeout("the request passed its deadline while running"))
 
     def _work(self) -> None:
         while True:
@@ -141,17 +132,17 @@ class StepScheduler:
             with self._cond:
                 admitted = self._admissible()
             for part in admitted:
-                self.slots.admit(part)
-            if not self.slots.jobs:
-                with self._cond:  # nothing runnable (all queued requests just left): wait for news
-                    if not self._running and self._queue:
-                        self._cond.wait(0.05)
+                try:
+                    self.slots.admit(part)
+                except Exception as exc:  # noqa: BLE001 - that request gets the error; the worker lives on
+                    self._fail([part], exc)
+            if not self.slots.jobs:  # the queued requests were all gone: back to waiting for work
                 continue
             rows, start = self.slots.busy, time.perf_counter()
             try:
                 finished = self.slots.step()
             except Exception as exc:  # noqa: BLE001 - the batch's requests get the error; the worker lives on
-                self._fail_running(exc)
+                self._fail(list(self._running), exc)
                 continue
             seconds = time.perf_counter() - start
             self._step_s = seconds if self._step_s == 0 else 0.9 * self._step_s + 0.1 * seconds
@@ -162,15 +153,16 @@ class StepScheduler:
                 if not request.waiting and all(p.result is not None for p in request.parts):
                     _finish(request.job, np.concatenate([p.result.numpy() for p in request.parts]))
 
-    def _fail_running(self, exc: Exception) -> None:
-        requests = set(self._running.values())
-        self.slots.evict(list(self._running))
-        self._running.clear()
-        with self._cond:
-            for request in requests:
+    def _fail(self, parts: list[SlotJob], exc: Exception) -> None:
+        """The requests of these chunks end with `exc`: all their chunks leave the slots and the queue."""
+        requests = {self._running[p] for p in parts}
+        self.slots.evict([p for p, r in self._running.items() if r in requests])
+        for request in requests:
+            for p in request.parts:
+                self._running.pop(p, None)
+            with self._cond:
                 if request in self._queue:
                     self._queue.remove(request)
-        for request in requests:
             _finish(request.job, exc)
 
 

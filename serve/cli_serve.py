@@ -70,7 +70,7 @@ def run_serve(args) -> int:
         from .serve_ray import serve_ray
 
         serve_ray(args.engine, host=args.host, port=args.port, name=name, backend=args.backend,
-                  threads=args.threads, replicas=args.replicas, **common)
+                  threads=args.threads, replicas=args.replicas, batching=args.batching, **common)
         return 0
     if args.replicas != 1:
         raise ValueError("--replicas needs --ray (one HTTP process serves one engine)")

@@ -107,6 +107,7 @@ def summarise(results: list[dict], plan, classes: list[int]) -> dict:
 
 def plot(all_results: dict, classes: list[int], path: str) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -119,6 +120,7 @@ def plot(all_results: dict, classes: list[int], path: str) -> None:
                 ax.step(lat, np.arange(1, lat.size + 1) / lat.size, where="post", color=colour,
                         linestyle="-" if mode == "step" else "--", label=f"{mode}, {c} steps")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decade labels only: minor ones overlap
     ax.set_xlabel("latency, arrival to reply (s)")
     ax.set_ylabel("fraction of requests")
     ax.legend(fontsize=8)

@@ -2,10 +2,12 @@
 
 Each batch row is a slot holding one row of a request at its own place in its own loop: an offset into one
 concatenated step table and a step index (int64 device tensors), plus the request's mask, x_init and background.
-A step is one U-Net call over the busy slots and one per-row fused step (kernels.fused_step_slots). Noise comes
-from each request's own generator, seeded with its seed and drawn in its own step order, never from the slot: a
-request's result equals `Engine.sample(its inputs, seed=its seed)` whatever it shared the batch with and whenever
-it joined (bitwise, given a U-Net whose rows do not depend on the batch; see README "Step-level batching").
+A step is one U-Net call over the busy slots and one per-row fused step (kernels.fused_step_slots). Noise is
+keyed by the request's own seed and its own step numbering, never by the slot, exactly as the engine's step draws
+it (torch step: a generator per request, drawn in its step order; Triton step: Philox keyed by (seed, phase =
+step, plane = its own row)): a request's result equals `Engine.sample(its inputs, seed=its seed)` whatever it
+shared the batch with and whenever it joined (bitwise on CPU, given a U-Net whose rows do not depend on the batch;
+see README "Step-level batching").
 """
 from __future__ import annotations
 
@@ -23,13 +25,42 @@ from .validation import check_seed
 _CARRIED = ("x", "x_init", "mask", "sample", "timestep")  # per-row state that survives a change of batch layout
 
 
+class GeneratorNoise:
+    """The torch step's noise: one torch.Generator per request chunk, drawn in the order Engine.sample draws."""
+
+    def __init__(self, seed: int, device: torch.device):
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def draw(self, phase: int, a: torch.Tensor, b: torch.Tensor, draw_a: bool, draw_b: bool) -> None:
+        """Fill a (eps0 / eps2) and b (eps1) of `phase` where asked (phase 0: initial step; i + 1: step i)."""
+        if draw_a:
+            _randn(a, self.generator)
+        if draw_b:
+            _randn(b, self.generator)
+
+
+class PhiloxNoise:
+    """The Triton step's noise: Philox keyed by (seed, phase, plane), the chunk's own planes numbered from 0."""
+
+    def __init__(self, seed: int, device: torch.device):
+        from ddpm_engine.kernels import philox_noise
+
+        self.seed, self.philox_noise = torch.tensor([seed], dtype=torch.int64, device=device), philox_noise
+
+    def draw(self, phase: int, a: torch.Tensor, b: torch.Tensor, draw_a: bool, draw_b: bool) -> None:
+        if draw_a or draw_b:  # one launch gives both; the kernel draws them at every phase, used or not
+            na, nb = self.philox_noise(self.seed, phase, a.shape)
+            a.copy_(na)
+            b.copy_(nb)
+
+
 @dataclass(eq=False)
 class SlotJob:
     """One chunk of a request (at most max_batch rows, as Engine.sample splits it): inputs, table, noise stream."""
 
     background: torch.Tensor  # [r, C_bg, H, W] on the device
     table: StepTable  # rows on the device
-    generator: torch.Generator  # seeded with the chunk's seed: the same stream Engine.sample draws from
+    noise: GeneratorNoise | PhiloxNoise  # keyed by the chunk's seed: the noise Engine.sample would draw
     blends: list[bool]  # per step: whether this chunk blends its known pixels before that step's U-Net call
     mask: torch.Tensor | None = None  # [r, C, H, W]
     x_init: torch.Tensor | None = None
@@ -55,13 +86,11 @@ class SlotRunner:
     """Up to `slots` rows of any requests of one image size, stepped together; not thread-safe (one worker drives it)."""
 
     def __init__(self, engine, slots: int | None = None):
-        if engine.runner.step_impl != "torch":
-            raise ValueError("step-level batching draws each request's noise from its own generator: load the engine "
-                             "with step='torch' (the Triton step keys noise in-kernel), or batch whole requests")
         slots = engine.max_batch if slots is None else slots
         if not 1 <= slots <= engine.max_batch:
             raise ValueError(f"slots must be in [1, {engine.max_batch}] (the engine's built maximum batch), got {slots}")
         self.engine, self.slots, self.device = engine, slots, engine.runner.device
+        self._noise = GeneratorNoise if engine.runner.step_impl == "torch" else PhiloxNoise
         # Buffers of its own on the same backend: an Engine.sample call between two steps must not overwrite slots.
         self._runner = Runner(engine.runner.backend, c_out=engine.c_out, c_in=engine.c_in, step="torch",
                               cuda_graphs=False)
@@ -98,7 +127,7 @@ class SlotRunner:
             part_mask = None if mask is None else on_dev(mask if mask.shape[0] == 1 else mask[part])
             parts.append(SlotJob(
                 background=bg, table=dev_table,
-                generator=torch.Generator(device=self.device).manual_seed(part_seed),
+                noise=self._noise(part_seed, self.device),
                 blends=[mask is not None and b for b in host_blend],
                 mask=None if part_mask is None else part_mask.expand(bg.shape[0], c, h, w),
                 x_init=None if x_init is None else on_dev(x_init[part]),
@@ -123,11 +152,11 @@ class SlotRunner:
             if job.mask is not None:
                 b.mask[rows].copy_(job.mask)
                 b.x_init[rows].copy_(job.x_init)
-            eps0 = _randn(b.noise[0][rows], job.generator)
-            eps1 = _randn(b.noise[1][rows], job.generator) if blend else None
-            initial_torch(b.x[rows], job.table.rows, eps0, eps1, model_in=b.sample[rows], t_in=b.timestep[rows],
-                          mask=b.mask[rows] if blend else None, x_init=b.x_init[rows] if blend else None,
-                          init_image=job.init_image)
+            eps0, eps1 = b.noise[0][rows], b.noise[1][rows]
+            job.noise.draw(0, eps0, eps1, True, blend)
+            initial_torch(b.x[rows], job.table.rows, eps0, eps1 if blend else None, model_in=b.sample[rows],
+                          t_in=b.timestep[rows], mask=b.mask[rows] if blend else None,
+                          x_init=b.x_init[rows] if blend else None, init_image=job.init_image)
 
     @torch.no_grad()
     def step(self) -> list[SlotJob]:
@@ -137,12 +166,11 @@ class SlotRunner:
         b, p = self._bufs, self._per_row
         with self.engine.lock:
             b.run_unet()
-            for job in self.jobs:  # each job's draws, in the order Engine.sample makes them: eps2, then next eps1
+            for job in self.jobs:  # each job's own draws for its step: eps2, then the eps1 of its next blend
                 rows = slice(job.start, job.start + job.rows)
-                if job.table.draws_step_noise:
-                    _randn(b.noise[0][rows], job.generator)
-                if job.step + 1 < job.table.timesteps and job.blends[job.step + 1]:
-                    _randn(b.noise[1][rows], job.generator)
+                blend_next = job.step + 1 < job.table.timesteps and job.blends[job.step + 1]
+                job.noise.draw(job.step + 1, b.noise[0][rows], b.noise[1][rows], job.table.draws_step_noise,
+                               blend_next)
             step_slots_torch(b.x, b.eps, p["table"], p["offset"], p["step"], p["length"], *b.noise,
                              draws=p["draws"], masked=p["masked"], model_in=b.sample, t_in=b.timestep, mask=b.mask,
                              x_init=b.x_init)

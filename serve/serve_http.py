@@ -295,8 +295,7 @@ def serve(directory, host: str = "127.0.0.1", port: int = 8000, name: str | None
     """Load an engine directory and serve it until SIGINT/SIGTERM (then drain: finish or reject the queue)."""
     from ddpm_engine.engine.api import load
 
-    # Step-level batching draws each request's noise host-side (the torch step), on CPU and CUDA alike.
-    engine = load(directory, backend=backend, threads=threads, step="torch" if batching == "step" else None)
+    engine = load(directory, backend=backend, threads=threads)
     service = Service(engine, name or model_name(directory), batching=batching, **service_kwargs)
     server = make_server(service, host, port, log_level)
     print(json.dumps({"serving": service.name, "url": f"http://{host}:{port}/v2/models/{service.name}",

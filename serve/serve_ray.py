@@ -37,8 +37,7 @@ def make_deployment(max_batch: int, batch_window_ms: float, batching: str = "ste
                      max_body_bytes: int = 64 << 20, max_timesteps: int = 1000):
             from ddpm_engine.engine.api import load
 
-            self.engine = load(directory, backend=backend, threads=threads,
-                               step="torch" if batching == "step" else None)
+            self.engine = load(directory, backend=backend, threads=threads)
             self.name, self.max_body_bytes, self.max_timesteps = name, max_body_bytes, max_timesteps
             self.max_batch = min(max_batch, self.engine.max_batch)
             self.infer_batch.set_max_batch_size(self.max_batch)

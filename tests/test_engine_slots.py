@@ -90,7 +90,7 @@ def test_evicted_rows_are_free_at_once_and_the_others_carry_on(engine, one_threa
     np.testing.assert_array_equal(kept.result.numpy(), want)
 
 
-def test_refusals_name_the_problem(engine, tiny_engine_dir):
+def test_refusals_name_the_problem(engine):
     with pytest.raises(ValueError, match=r"slots must be in \[1, 4\]"):
         SlotRunner(engine, slots=5)
     runner = SlotRunner(engine, slots=1)
@@ -105,9 +105,16 @@ def test_refusals_name_the_problem(engine, tiny_engine_dir):
     runner.admit(small)
     with pytest.raises(ValueError, match=r"does not fit: 1/1 slots busy with size \(8, 8\)"):
         runner.admit(big)
-    triton = load(tiny_engine_dir, backend="onnxruntime", step="triton")
-    with pytest.raises(ValueError, match="load the engine with step='torch'"):
-        SlotRunner(triton)
+
+
+def test_with_the_triton_step_each_request_gets_its_own_philox_noise(tiny_engine_dir, one_thread):
+    """A Triton-step engine keys noise in-kernel by (seed, phase, plane): the slots draw it by the request's seed, its
+    own step and its own rows (Triton's interpreter on CPU), and each result equals that engine's sample() bitwise."""
+    engine = load(tiny_engine_dir, backend="onnxruntime", step="triton", threads=1)
+    reqs = requests(base=30)
+    got, _ = run_staggered(SlotRunner(engine, slots=4), reqs, [0, 3, 1, 0, 6, 2, 9])
+    for k, r in enumerate(reqs):
+        np.testing.assert_array_equal(got[k], engine.sample(**r), err_msg=f"request {k}: {MIXED[k]}")
 
 
 def test_torch_backend_rows_depend_on_the_batch_only_in_the_last_bits(tiny_engine_dir, one_thread):

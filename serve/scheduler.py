@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import math
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -18,7 +17,7 @@ import numpy as np
 
 from ddpm_engine.engine.slots import SlotJob, SlotRunner
 
-from .batcher import Job, QueueFull, RequestTimeout, ShuttingDown
+from .batcher import Job, RequestTimeout, WorkQueue, finish
 
 
 @dataclass(eq=False)
@@ -34,31 +33,17 @@ class _Request:
         return self.job.future.cancelled()
 
 
-class StepScheduler:
+class StepScheduler(WorkQueue):
     """A bounded queue feeding a batch whose rows are at different steps of different requests."""
 
     def __init__(self, engine, max_queue: int = 64, max_batch: int | None = None, on_batch=None):
-        if max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
-        self.engine, self.max_queue, self.on_batch = engine, max_queue, on_batch  # on_batch(rows, seconds) per step
+        super().__init__(max_queue, "ddpm-engine-scheduler")  # its queue holds _Requests not (fully) admitted
+        self.engine, self.on_batch = engine, on_batch  # on_batch(rows, seconds) after each step: metrics
         self.slots = SlotRunner(engine, max_batch)
         self.max_batch = self.slots.slots
-        self._queue: collections.deque[_Request] = collections.deque()  # not (fully) admitted, arrival order
         self._running: dict[SlotJob, _Request] = {}
-        self._cond = threading.Condition()
-        self._closed = False
         self._step_s = 0.0  # moving average of one step's duration: the Retry-After estimate
-        self._thread = threading.Thread(target=self._work, name="ddpm-engine-scheduler", daemon=True)
         self._thread.start()
-
-    @property
-    def depth(self) -> int:
-        """Requests waiting for slots."""
-        return len(self._queue)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     def retry_after_s(self) -> int:
         steps = sum(p.remaining * p.rows for r in self._queue for p in r.waiting)
@@ -69,27 +54,14 @@ class StepScheduler:
         parts = self.slots.prepare(job.background, mask=job.mask, x_init=job.x_init, timesteps=job.timesteps,
                                    sampler=job.sampler, t_start=job.t_start, t_end=job.t_end, eta=job.eta,
                                    seed=job.seed)
-        with self._cond:
-            if self._closed:
-                raise ShuttingDown("the service is shutting down")
-            if len(self._queue) >= self.max_queue:
-                raise QueueFull(self.retry_after_s())
-            self._queue.append(_Request(job, parts, collections.deque(parts)))
-            self._cond.notify()
+        self._enqueue(_Request(job, parts, collections.deque(parts)))
         return job.future
 
-    def close(self, drain_timeout_s: float = 30.0) -> None:
-        """Take no new jobs, run the queued ones for up to drain_timeout_s, then reject those not started."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        self._thread.join(drain_timeout_s)
-        with self._cond:
-            # A request with a chunk in the slots is running: it finishes (its deadline still applies).
-            left = [r for r in self._queue if len(r.waiting) == len(r.parts)]
-            self._queue = collections.deque(r for r in self._queue if len(r.waiting) != len(r.parts))
-        for request in left:
-            _finish(request.job, ShuttingDown("the service shut down before this request ran"))
+    def _take_unstarted(self) -> list[Job]:
+        # A request with a chunk in the slots is running: it finishes (its deadline still applies).
+        left = [r for r in self._queue if len(r.waiting) == len(r.parts)]
+        self._queue = collections.deque(r for r in self._queue if len(r.waiting) != len(r.parts))
+        return [r.job for r in left]
 
     # -- worker ----------------------------------------------------------------------------------
 
@@ -99,7 +71,7 @@ class StepScheduler:
         # Requests with a chunk already running are _evict_gone's (it frees their slots outside this lock).
         for request in [r for r in self._queue if (r.gone or now > r.job.deadline) and len(r.waiting) == len(r.parts)]:
             self._queue.remove(request)
-            _finish(request.job, RequestTimeout("the request timed out in the queue"))
+            finish(request.job, RequestTimeout("the request timed out in the queue"))
         admitted, rows, size = [], self.slots.busy, self.slots.size
         while self._queue:  # strictly in arrival order: a large or other-size request is not starved by later ones
             request = self._queue[0]
@@ -151,7 +123,7 @@ class StepScheduler:
             for part in finished:
                 request = self._running.pop(part)
                 if not request.waiting and all(p.result is not None for p in request.parts):
-                    _finish(request.job, np.concatenate([p.result.numpy() for p in request.parts]))
+                    finish(request.job, np.concatenate([p.result.numpy() for p in request.parts]))
 
     def _fail(self, parts: list[SlotJob], exc: Exception) -> None:
         """The requests of these chunks end with `exc`: all their chunks leave the slots and the queue."""
@@ -163,13 +135,5 @@ class StepScheduler:
             with self._cond:
                 if request in self._queue:
                     self._queue.remove(request)
-            _finish(request.job, exc)
+            finish(request.job, exc)
 
-
-def _finish(job: Job, outcome) -> None:
-    """Hand the job its result or exception, unless its client cancelled it (then nobody reads it)."""
-    if job.future.set_running_or_notify_cancel():
-        if isinstance(outcome, BaseException):
-            job.future.set_exception(outcome)
-        else:
-            job.future.set_result(outcome)

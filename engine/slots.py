@@ -11,7 +11,7 @@ see README "Step-level batching").
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 

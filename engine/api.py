@@ -37,7 +37,8 @@ class Engine:
                  schedule: CosineSchedule | None = None, manifest: dict | None = None):
         self.runner, self.c_in, self.c_out, self.max_batch = runner, c_in, c_out, max_batch
         self.size_range, self.schedule, self.manifest = size_range, schedule or CosineSchedule(), manifest or {}
-        self._lock = threading.Lock()  # one Runner, one set of buffers: calls take turns
+        # One backend: sample() calls and the service's slot steps (engine.slots) take turns with it.
+        self.lock = threading.Lock()
 
     @property
     def backend(self) -> str:
@@ -73,14 +74,7 @@ class Engine:
             (host-noise step only, i.e. step="torch"; at most max_batch rows in all).
         """
         as_numpy = isinstance(background, np.ndarray)
-        background = _as_tensor("background", background)
-        mask, x_init = _as_tensor("mask", mask), _as_tensor("x_init", x_init)
-        if not isinstance(background, torch.Tensor):
-            raise ValueError("background is required")
-        shape = (background.shape[0] if x_init is None else x_init.shape[0], self.c_out) + tuple(background.shape[2:])
-        shape = check_sample_inputs(background, shape, mask, x_init)
-        self.check_background(background)
-        init_from = init_image(init, background, x_init, self.c_out)
+        background, mask, x_init, init_from, shape = self.checked_inputs(background, mask, x_init, init)
         check_seed(seed)
         if isinstance(intermediates_every, bool) or not isinstance(intermediates_every, int) or intermediates_every < 1:
             raise ValueError(f"intermediates_every must be an integer >= 1, got {intermediates_every!r}")
@@ -91,12 +85,10 @@ class Engine:
         table = step_table(self.schedule, sampler, timesteps, t_start, t_end, eta=eta, tau=tau)
 
         outputs, inters = [], []
-        with self._lock:
-            # Batches above the built maximum run in chunks; chunk k uses seed + k so chunks differ.
-            for k, start in enumerate(range(0, shape[0], self.max_batch)):
-                part = slice(start, start + self.max_batch)
+        with self.lock:
+            for part, part_seed in self.chunks(shape[0], seed):
                 x, xs = self._run_chunk(table, background[part], mask, x_init, init_from, part,
-                                        seed + k, generator, return_intermediates, intermediates_every)
+                                        part_seed, generator, return_intermediates, intermediates_every)
                 outputs.append(x)
                 inters.append(xs)
         x = torch.cat(outputs)
@@ -104,6 +96,23 @@ class Engine:
         if as_numpy:
             return tuple(r.numpy() for r in result) if return_intermediates else result.numpy()
         return result
+
+    def checked_inputs(self, background, mask=None, x_init=None, init: str = "noise"):
+        """Validated float32 CPU tensors (background, mask, x_init, init image or None, sample shape [B, C, H, W])."""
+        background = _as_tensor("background", background)
+        mask, x_init = _as_tensor("mask", mask), _as_tensor("x_init", x_init)
+        if not isinstance(background, torch.Tensor):
+            raise ValueError("background is required")
+        shape = (background.shape[0] if x_init is None else x_init.shape[0], self.c_out) + tuple(background.shape[2:])
+        shape = check_sample_inputs(background, shape, mask, x_init)
+        self.check_background(background)
+        return background, mask, x_init, init_image(init, background, x_init, self.c_out), shape
+
+    def chunks(self, batch: int, seed: int) -> list[tuple[slice, int]]:
+        """(rows, seed) of each chunk a batch runs in: at most max_batch rows each; chunk k uses seed + k so chunks
+        differ."""
+        return [(slice(start, start + self.max_batch), seed + k)
+                for k, start in enumerate(range(0, batch, self.max_batch))]
 
     def _segment_generators(self, segments, batch: int, generator) -> list[tuple[int, torch.Generator]]:
         """(rows, seed) pairs -> (rows, seeded generator) pairs the Runner draws each block's noise from."""

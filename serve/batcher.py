@@ -7,6 +7,7 @@ noise in-kernel), a group runs as one call per request, still in arrival order.
 """
 from __future__ import annotations
 
+import abc
 import collections
 import concurrent.futures
 import math
@@ -108,29 +109,26 @@ def split_groups(jobs: list[Job], max_rows: int) -> list[list[Job]]:
     return groups
 
 
-class Batcher:
-    """A bounded queue drained by one worker thread that runs each batch on the engine.
+def finish(job: Job, outcome) -> None:
+    """Hand the job its result or exception, unless its client cancelled it (then nobody reads it)."""
+    if job.future.set_running_or_notify_cancel():
+        if isinstance(outcome, BaseException):
+            job.future.set_exception(outcome)
+        else:
+            job.future.set_result(outcome)
 
-    The worker takes the oldest job, waits up to `window_s` (from that job's arrival) for more rows with the
-    same key until `max_batch` rows are there, then samples them together. Cancelled futures (clients that went
-    away) and jobs past their deadline are dropped before they cost a model call.
-    """
 
-    def __init__(self, engine, max_queue: int = 64, max_batch: int | None = None, window_s: float = 0.005,
-                 on_batch=None):
+class WorkQueue(abc.ABC):
+    """A bounded queue drained by one worker thread (`_work`): what the Batcher and the step scheduler share."""
+
+    def __init__(self, max_queue: int, name: str):
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
-        self.engine, self.max_queue, self.window_s = engine, max_queue, window_s
-        self.max_batch = min(max_batch or engine.max_batch, engine.max_batch)
-        if self.max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.on_batch = on_batch  # called (rows, seconds) after each engine call: metrics
-        self._queue: collections.deque[Job] = collections.deque()
+        self.max_queue = max_queue
+        self._queue: collections.deque = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._batch_s = 0.0  # moving average of one batch's duration: the Retry-After estimate
-        self._thread = threading.Thread(target=self._work, name="ddpm-engine-batcher", daemon=True)
-        self._thread.start()
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
 
     @property
     def depth(self) -> int:
@@ -141,33 +139,73 @@ class Batcher:
     def closed(self) -> bool:
         return self._closed
 
+    def _enqueue(self, item) -> None:
+        """Queue an item for the worker; raises QueueFull or ShuttingDown instead of growing or accepting after
+        close()."""
+        with self._cond:
+            if self._closed:
+                raise ShuttingDown("the service is shutting down")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(self.retry_after_s())
+            self._queue.append(item)
+            self._cond.notify()
+
+    def close(self, drain_timeout_s: float = 30.0) -> None:
+        """Take no new jobs, finish the queued ones for up to drain_timeout_s, reject those not started."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(drain_timeout_s)
+        with self._cond:
+            left = self._take_unstarted()
+        for job in left:
+            finish(job, ShuttingDown("the service shut down before this request ran"))
+
+    @abc.abstractmethod
+    def retry_after_s(self) -> int:
+        """Seconds a refused client should wait: the queue's expected drain time."""
+
+    @abc.abstractmethod
+    def _take_unstarted(self) -> list[Job]:
+        """Under the lock, after the drain time: remove and return the jobs that have not started."""
+
+    @abc.abstractmethod
+    def _work(self) -> None:
+        """The worker thread's loop; returns once closed and drained."""
+
+
+class Batcher(WorkQueue):
+    """A bounded queue drained by one worker thread that runs each batch on the engine.
+
+    The worker takes the oldest job, waits up to `window_s` (from that job's arrival) for more rows with the
+    same key until `max_batch` rows are there, then samples them together. Cancelled futures (clients that went
+    away) and jobs past their deadline are dropped before they cost a model call.
+    """
+
+    def __init__(self, engine, max_queue: int = 64, max_batch: int | None = None, window_s: float = 0.005,
+                 on_batch=None):
+        super().__init__(max_queue, "ddpm-engine-batcher")
+        self.engine, self.window_s = engine, window_s
+        self.max_batch = min(max_batch or engine.max_batch, engine.max_batch)
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.on_batch = on_batch  # called (rows, seconds) after each engine call: metrics
+        self._batch_s = 0.0  # moving average of one batch's duration: the Retry-After estimate
+        self._thread.start()
+
     def retry_after_s(self) -> int:
         batches = math.ceil((len(self._queue) + 1) / self.max_batch)
         return max(1, math.ceil(batches * self._batch_s))
 
     def submit(self, job: Job) -> concurrent.futures.Future:
         """Queue a job; raises QueueFull or ShuttingDown instead of growing or accepting after close()."""
-        with self._cond:
-            if self._closed:
-                raise ShuttingDown("the service is shutting down")
-            if len(self._queue) >= self.max_queue:
-                raise QueueFull(self.retry_after_s())
-            self._queue.append(job)
-            self._cond.notify()
+        self._enqueue(job)
         return job.future
 
-    def close(self, drain_timeout_s: float = 30.0) -> None:
-        """Take no new jobs, finish the queued ones for up to drain_timeout_s, reject what is left."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        self._thread.join(drain_timeout_s)
-        with self._cond:
-            left = list(self._queue)
-            self._queue.clear()
-        for job in left:
-            if job.future.set_running_or_notify_cancel():
-                job.future.set_exception(ShuttingDown("the service shut down before this request ran"))
+    def _take_unstarted(self) -> list[Job]:
+        left = list(self._queue)
+        self._queue.clear()
+        return left
 
     # -- worker ----------------------------------------------------------------------------------
 

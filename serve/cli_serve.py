@@ -23,8 +23,9 @@ def register(subparsers) -> None:
         description="Serve an engine directory over HTTP with the Open Inference Protocol (KServe v2 REST, binary "
         "tensor extension): POST /v2/models/NAME/infer with inputs background [B, C_bg, H, W], optional mask and "
         "x_init, and parameters timesteps, sampler, seed, t_start, t_end, eta (others are refused with a 400; "
-        "tritonclient's timeout and priority are ignored). Concurrent requests with the same "
-        "settings are batched; each result equals a direct Engine.sample with the request's own seed. Stop with "
+        "tritonclient's timeout and priority are ignored). Requests share U-Net calls step by step (any settings, "
+        "same image size), or whole requests with the same settings share one sampling call (--batching request); "
+        "each result equals a direct Engine.sample with the request's own seed. Stop with "
         "Ctrl-C / SIGTERM: queued requests are finished (or rejected after --timeout-s); a drained SIGTERM exits 0.")
     p.add_argument("engine", metavar="DIR", help="engine directory written by `ddpm-engine build`")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
@@ -36,8 +37,12 @@ def register(subparsers) -> None:
                    help="requests allowed to wait; beyond it the service answers 503 with Retry-After")
     p.add_argument("--max-batch", type=_positive(int), default=None,
                    help="most images per engine call (default and cap: the engine's built maximum batch)")
+    p.add_argument("--batching", choices=("step", "request"), default="step",
+                   help="step: requests join and leave the running batch between U-Net steps (iteration-level "
+                   "batching); request: whole requests with equal settings share one sampling call")
     p.add_argument("--batch-window-ms", type=float, default=5.0,
-                   help="how long the oldest waiting request waits for others to share its batch")
+                   help="with --batching request: how long the oldest waiting request waits for others to share "
+                   "its batch")
     p.add_argument("--timeout-s", type=_positive(float), default=60.0,
                    help="per-request deadline (504 after it); also the drain time at shutdown")
     p.add_argument("--read-timeout-s", type=_positive(float), default=10.0,
@@ -65,7 +70,7 @@ def run_serve(args) -> int:
         from .serve_ray import serve_ray
 
         serve_ray(args.engine, host=args.host, port=args.port, name=name, backend=args.backend,
-                  threads=args.threads, replicas=args.replicas, **common)
+                  threads=args.threads, replicas=args.replicas, batching=args.batching, **common)
         return 0
     if args.replicas != 1:
         raise ValueError("--replicas needs --ray (one HTTP process serves one engine)")
@@ -74,5 +79,6 @@ def run_serve(args) -> int:
     except ImportError as exc:
         raise ValueError(f"serving needs the serve extra: pip install 'ddpm-engine[serve]' ({exc})") from None
     serve(args.engine, host=args.host, port=args.port, name=name, backend=args.backend, threads=args.threads,
-          log_level=args.log_level, read_timeout_s=args.read_timeout_s, drain_timeout_s=args.timeout_s, **common)
+          log_level=args.log_level, read_timeout_s=args.read_timeout_s, drain_timeout_s=args.timeout_s,
+          batching=args.batching, **common)
     return 0

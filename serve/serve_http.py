@@ -1,4 +1,5 @@
-"""The HTTP service: Open Inference Protocol (KServe v2 REST) on Starlette + uvicorn, with dynamic batching.
+"""The HTTP service: Open Inference Protocol (KServe v2 REST) on Starlette + uvicorn, with step-level batching
+(scheduler.StepScheduler, the default) or whole-request batching (batcher.Batcher).
 
 Endpoints: GET /v2, /v2/health/live, /v2/health/ready, /v2/models/{name}[/versions/1][/ready], /metrics
 (Prometheus text), POST /v2/models/{name}[/versions/1]/infer. Every refusal is JSON `{"error": "..."}` with a
@@ -23,6 +24,9 @@ from starlette.routing import Route
 
 from . import oip
 from .batcher import Batcher, QueueFull, RequestTimeout, ShuttingDown
+from .scheduler import StepScheduler
+
+BATCHING = ("step", "request")  # requests join the batch between steps | whole requests share one sampling call
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
 
@@ -36,7 +40,8 @@ class Service:
 
     def __init__(self, engine, name: str, max_queue: int = 64, max_batch: int | None = None,
                  batch_window_ms: float = 5.0, timeout_s: float = 60.0, max_body_bytes: int = 64 << 20,
-                 read_timeout_s: float = 10.0, max_timesteps: int = 1000, drain_timeout_s: float = 30.0):
+                 read_timeout_s: float = 10.0, max_timesteps: int = 1000, drain_timeout_s: float = 30.0,
+                 batching: str = "step"):
         self.engine, self.name, self.timeout_s = engine, name, timeout_s
         self.max_body_bytes, self.read_timeout_s, self.max_timesteps = max_body_bytes, read_timeout_s, max_timesteps
         self.drain_timeout_s, self.draining, self._closer = drain_timeout_s, False, None
@@ -44,10 +49,16 @@ class Service:
         self.requests = Counter("ddpm_engine_requests", "Infer requests by HTTP status", ["code"], registry=r)
         self.latency = Histogram("ddpm_engine_request_seconds", "Infer latency (body read to response)",
                                  buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_seconds = Histogram("ddpm_engine_batch_seconds", "Duration of one engine call",
+        self.batch_seconds = Histogram("ddpm_engine_batch_seconds", "Duration of one engine call (one step with "
+                                       "step-level batching)",
                                        buckets=LATENCY_BUCKETS, registry=r)
-        self.batcher = Batcher(engine, max_queue=max_queue, max_batch=max_batch, window_s=batch_window_ms / 1e3,
-                               on_batch=self._on_batch)
+        if batching == "step":
+            self.batcher = StepScheduler(engine, max_queue=max_queue, max_batch=max_batch, on_batch=self._on_batch)
+        elif batching == "request":
+            self.batcher = Batcher(engine, max_queue=max_queue, max_batch=max_batch,
+                                   window_s=batch_window_ms / 1e3, on_batch=self._on_batch)
+        else:
+            raise ValueError(f"unknown batching {batching!r}; must be one of {list(BATCHING)}")
         buckets = tuple(float(b) for b in range(1, self.batcher.max_batch + 1))
         self.batch_rows = Histogram("ddpm_engine_batch_rows", "Rows (images) per engine call", buckets=buckets,
                                     registry=r)
@@ -280,13 +291,14 @@ def make_server(service: Service, host: str = "127.0.0.1", port: int = 8000, log
 
 
 def serve(directory, host: str = "127.0.0.1", port: int = 8000, name: str | None = None, backend: str | None = None,
-          threads: int | None = None, log_level: str = "info", **service_kwargs) -> None:
+          threads: int | None = None, log_level: str = "info", batching: str = "step", **service_kwargs) -> None:
     """Load an engine directory and serve it until SIGINT/SIGTERM (then drain: finish or reject the queue)."""
     from ddpm_engine.engine.api import load
 
     engine = load(directory, backend=backend, threads=threads)
-    service = Service(engine, name or model_name(directory), **service_kwargs)
+    service = Service(engine, name or model_name(directory), batching=batching, **service_kwargs)
     server = make_server(service, host, port, log_level)
     print(json.dumps({"serving": service.name, "url": f"http://{host}:{port}/v2/models/{service.name}",
-                      "backend": engine.backend, "max_batch": service.batcher.max_batch}), flush=True)
+                      "backend": engine.backend, "max_batch": service.batcher.max_batch, "batching": batching}),
+          flush=True)
     server.run()

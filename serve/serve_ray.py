@@ -1,10 +1,12 @@
-"""Ray Serve deployment of the same engine and protocol: replicas scale out over GPUs and nodes; Ray batches.
+"""Ray Serve deployment of the same engine and protocol: replicas scale out over GPUs and nodes.
 
 Each replica loads the engine directory (a path every node can read) and answers the Open Inference Protocol
-(`oip`, the same code as the uvicorn service). Batching is Ray Serve's own `@serve.batch`, sized in images
-(`batch_size_fn`), and each batch is split into groups of equal sampling settings that run with per-request
-seeds (`batcher.run_group`), so a result never depends on what it was batched with. Ray's proxy bounds the
-queue (`max_queued_requests`: 503 beyond it) and the request time (`request_timeout_s`).
+(`oip`, the same code as the uvicorn service). With step-level batching (the default) each replica runs the
+service's own `scheduler.StepScheduler`: requests join its running batch between U-Net steps. With request-level
+batching it is Ray Serve's `@serve.batch`, sized in images (`batch_size_fn`), each batch split into groups of
+equal sampling settings that run with per-request seeds (`batcher.run_group`). Either way a result never depends
+on what it was batched with. Ray's proxy bounds the queue (`max_queued_requests`: 503 beyond it) and the request
+time (`request_timeout_s`).
 """
 from __future__ import annotations
 
@@ -14,13 +16,14 @@ import time
 
 from . import oip
 from .batcher import run_group, split_groups
+from .scheduler import StepScheduler
 
 
 def _rows(jobs) -> int:
     return sum(job.rows for job in jobs)
 
 
-def make_deployment(max_batch: int, batch_window_ms: float):
+def make_deployment(max_batch: int, batch_window_ms: float, batching: str = "step"):
     """The deployment class, its batching parameters fixed (decorators take them at definition time)."""
     from ray import serve
     from starlette.requests import Request
@@ -38,6 +41,9 @@ def make_deployment(max_batch: int, batch_window_ms: float):
             self.name, self.max_body_bytes, self.max_timesteps = name, max_body_bytes, max_timesteps
             self.max_batch = min(max_batch, self.engine.max_batch)
             self.infer_batch.set_max_batch_size(self.max_batch)
+            # Ray admits at most max_ongoing_requests (2 * max_batch) at once: the scheduler's queue never fills.
+            self.scheduler = (StepScheduler(self.engine, max_queue=2 * max_batch, max_batch=self.max_batch)
+                              if batching == "step" else None)
 
         @serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=batch_window_ms / 1e3, batch_size_fn=_rows)
         async def infer_batch(self, jobs: list) -> list:
@@ -89,7 +95,13 @@ def make_deployment(max_batch: int, batch_window_ms: float):
                                                self.max_timesteps)
             except oip.ProtocolError as exc:
                 return error(exc.status, exc.message)
-            if job.rows > self.max_batch:  # larger than a Ray batch: one call of its own (split by Engine.sample)
+            if self.scheduler is not None:
+                try:
+                    # Cancelled with the request (client gone): the scheduler frees its slot at the next step.
+                    outcome = ("ok", await asyncio.wrap_future(self.scheduler.submit(job)))
+                except Exception as exc:  # noqa: BLE001 - this request's 400/500, as in the request-level path
+                    outcome = ("error", exc)
+            elif job.rows > self.max_batch:  # larger than a Ray batch: one call of its own (split by Engine.sample)
                 outcome = await asyncio.to_thread(lambda: run_group(self.engine, [job])[0])
                 outcome = ("error", outcome) if isinstance(outcome, BaseException) else ("ok", outcome)
             else:
@@ -108,7 +120,7 @@ def make_deployment(max_batch: int, batch_window_ms: float):
 def start(directory, host: str = "127.0.0.1", port: int = 8000, name: str = "model", backend: str | None = None,
           threads: int | None = None, replicas: int = 1, max_queue: int = 64, max_batch: int | None = None,
           batch_window_ms: float = 5.0, timeout_s: float = 60.0, max_body_bytes: int = 64 << 20,
-          max_timesteps: int = 1000, num_cpus: int | None = None):
+          max_timesteps: int = 1000, num_cpus: int | None = None, batching: str = "step"):
     """Start (or join, with RAY_ADDRESS) a Ray cluster and run the deployment; returns its DeploymentHandle.
 
     Local clusters bind to 127.0.0.1 with no dashboard; usage reporting is off (RAY_USAGE_STATS_ENABLED=0).
@@ -131,7 +143,7 @@ def start(directory, host: str = "127.0.0.1", port: int = 8000, name: str = "mod
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": timeout_s})
     gpus = 1 if manifest["backend"] == "tensorrt" else 0
     deployment = serve.deployment(
-        make_deployment(max_batch, batch_window_ms), name=name, num_replicas=replicas,
+        make_deployment(max_batch, batch_window_ms, batching), name=name, num_replicas=replicas,
         max_ongoing_requests=2 * max_batch, max_queued_requests=max_queue,
         ray_actor_options={"num_cpus": 1 if threads is None else threads, "num_gpus": gpus})
     app = deployment.bind(str(os.path.abspath(directory)), name, backend, threads, max_body_bytes, max_timesteps)

@@ -74,7 +74,8 @@ class Gated:
 
 @pytest.fixture(scope="module")
 def server(engine):
-    running = Running(Gated(engine), max_queue=4, batch_window_ms=20, read_timeout_s=2.0, max_body_bytes=200_000)
+    running = Running(Gated(engine), max_queue=4, batch_window_ms=20, read_timeout_s=2.0, max_body_bytes=200_000,
+                      batching="request")  # Gated holds sample() calls: the request-level batcher makes them
     yield running
     running.stop()
 
@@ -280,7 +281,7 @@ def test_a_burst_of_mixed_settings_gets_each_its_own_result(engine):
     """Samplers, t_start/t_end, eta and masks mixed in one burst: each reply equals its own direct call."""
     sizes = []
     gated = Gated(engine)
-    running = Running(gated, max_queue=16, batch_window_ms=20)
+    running = Running(gated, max_queue=16, batch_window_ms=20, batching="request")
     running.service.batcher.on_batch = lambda rows, s: sizes.append(rows)
     post = lambda body: httpx.post(running.base + URL + "/infer", json=body, timeout=60)  # noqa: E731
     try:
@@ -387,7 +388,7 @@ def test_vanishing_clients_do_not_wedge_the_batcher(server):
 
 
 def test_requests_past_their_timeout_get_504(engine):
-    running = Running(Gated(engine, delay_s=0.6), max_queue=8, batch_window_ms=5, timeout_s=0.3)
+    running = Running(Gated(engine, delay_s=0.6), max_queue=8, batch_window_ms=5, timeout_s=0.3, batching="request")
     try:
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             calls = [pool.submit(httpx.post, running.base + URL + "/infer", json=infer_json(BG, timesteps=2, seed=s),
@@ -405,7 +406,8 @@ def test_requests_past_their_timeout_get_504(engine):
 def shutdown_with_queue(engine, drain_timeout_s, hold_s):
     """Three requests in flight (one running, two queued, engine held), then stop(): their status codes."""
     gated = Gated(engine)
-    running = Running(gated, max_queue=8, max_batch=1, batch_window_ms=1, drain_timeout_s=drain_timeout_s)
+    running = Running(gated, max_queue=8, max_batch=1, batch_window_ms=1, drain_timeout_s=drain_timeout_s,
+                      batching="request")
     gated.gate.clear()
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         calls = [pool.submit(httpx.post, running.base + URL + "/infer", json=infer_json(BG, timesteps=2, seed=s),

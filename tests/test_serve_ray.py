@@ -1,5 +1,6 @@
 """Ray Serve deployment, one CPU replica on 127.0.0.1 (no dashboard, no usage stats): exact results under
-concurrency with Ray's own batching, the protocol through tritonclient, refusals and the bounded queue."""
+concurrency with step-level batching and with Ray's own batching, the protocol through tritonclient, refusals and
+the bounded queue."""
 import concurrent.futures
 import json
 import socket
@@ -17,14 +18,17 @@ pytestmark = pytest.mark.slow
 H = W = 8
 
 
-@pytest.fixture(scope="module")
-def ray_server(tiny_engine_dir):
+@pytest.fixture(scope="module", params=["step", "request"])
+def ray_server(tiny_engine_dir, request):
+    """One replica with step-level batching (the service's scheduler), then one with Ray's own request batching."""
     from ddpm_engine.serve import serve_ray
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    serve_ray.start(tiny_engine_dir, port=port, name="tiny", max_queue=16, batch_window_ms=50, num_cpus=2)
+    # timeout_s: the queue test's 24 accepted 1000-step requests take ~30 s of U-Net time, longer on a loaded machine
+    serve_ray.start(tiny_engine_dir, port=port, name="tiny", max_queue=16, batch_window_ms=50, num_cpus=2,
+                    timeout_s=300, batching=request.param)
     try:
         yield f"http://127.0.0.1:{port}", port
     finally:

@@ -1,0 +1,223 @@
+"""Iteration-level batching, Orca (Yu et al. 2022): requests join and leave one running U-Net batch at every step.
+
+Each batch row is a slot holding one row of a request at its own place in its own loop: an offset into one
+concatenated step table and a step index (int64 device tensors), plus the request's mask, x_init and background.
+A step is one U-Net call over the busy slots and one per-row fused step (kernels.fused_step_slots). Noise is
+keyed by the request's own seed and its own step numbering, never by the slot, exactly as the engine's step draws
+it (torch step: a generator per request, drawn in its step order; Triton step: Philox keyed by (seed, phase =
+step, plane = its own row)): a request's result equals `Engine.sample(its inputs, seed=its seed)` whatever it
+shared the batch with and whenever it joined (bitwise on CPU, given a U-Net whose rows do not depend on the batch;
+see README "Step-level batching").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ddpm_engine.kernels.fused_step import initial_torch
+from ddpm_engine.kernels.fused_step_slots import step_slots_torch
+
+from .runner import BufferSet, Runner, _randn
+from .samplers import COL_BLEND, StepTable, step_table
+from .validation import check_seed
+
+_CARRIED = ("x", "x_init", "mask", "sample", "timestep")  # per-row state that survives a change of batch layout
+
+
+class GeneratorNoise:
+    """The torch step's noise: one torch.Generator per request chunk, drawn in the order Engine.sample draws."""
+
+    def __init__(self, seed: int, device: torch.device):
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def draw(self, phase: int, a: torch.Tensor, b: torch.Tensor, draw_a: bool, draw_b: bool) -> None:
+        """Fill a (eps0 / eps2) and b (eps1) of `phase` where asked (phase 0: initial step; i + 1: step i)."""
+        if draw_a:
+            _randn(a, self.generator)
+        if draw_b:
+            _randn(b, self.generator)
+
+
+class PhiloxNoise:
+    """The Triton step's noise: Philox keyed by (seed, phase, plane), the chunk's own planes numbered from 0."""
+
+    def __init__(self, seed: int, device: torch.device):
+        from ddpm_engine.kernels import philox_noise
+
+        self.seed, self.philox_noise = torch.tensor([seed], dtype=torch.int64, device=device), philox_noise
+
+    def draw(self, phase: int, a: torch.Tensor, b: torch.Tensor, draw_a: bool, draw_b: bool) -> None:
+        if draw_a or draw_b:  # one launch gives both; the kernel draws them at every phase, used or not
+            na, nb = self.philox_noise(self.seed, phase, a.shape)
+            a.copy_(na)
+            b.copy_(nb)
+
+
+@dataclass(eq=False)
+class SlotJob:
+    """One chunk of a request (at most max_batch rows, as Engine.sample splits it): inputs, table, noise stream."""
+
+    background: torch.Tensor  # [r, C_bg, H, W] on the device
+    table: StepTable  # rows on the device
+    noise: GeneratorNoise | PhiloxNoise  # keyed by the chunk's seed: the noise Engine.sample would draw
+    blends: list[bool]  # per step: whether this chunk blends its known pixels before that step's U-Net call
+    mask: torch.Tensor | None = None  # [r, C, H, W]
+    x_init: torch.Tensor | None = None
+    init_image: torch.Tensor | None = None
+    step: int = 0  # steps done (host mirror of the device step index)
+    start: int = -1  # first batch row while admitted
+    result: torch.Tensor | None = None  # [r, C, H, W] on the CPU once finished
+
+    @property
+    def rows(self) -> int:
+        return self.background.shape[0]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(self.background.shape[2:])
+
+    @property
+    def remaining(self) -> int:
+        return self.table.timesteps - self.step
+
+
+class SlotRunner:
+    """Up to `slots` rows of any requests of one image size, stepped together; not thread-safe (one worker drives it)."""
+
+    def __init__(self, engine, slots: int | None = None):
+        slots = engine.max_batch if slots is None else slots
+        if not 1 <= slots <= engine.max_batch:
+            raise ValueError(f"slots must be in [1, {engine.max_batch}] (the engine's built maximum batch), got {slots}")
+        self.engine, self.slots, self.device = engine, slots, engine.runner.device
+        self._noise = GeneratorNoise if engine.runner.step_impl == "torch" else PhiloxNoise
+        # Buffers of its own on the same backend: an Engine.sample call between two steps must not overwrite slots.
+        self._runner = Runner(engine.runner.backend, c_out=engine.c_out, c_in=engine.c_in, step="torch",
+                              cuda_graphs=False)
+        self.jobs: list[SlotJob] = []  # admitted, in row order
+        self._bufs: BufferSet | None = None
+        self._per_row: dict[str, torch.Tensor] = {}
+
+    @property
+    def busy(self) -> int:
+        return sum(j.rows for j in self.jobs)
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """The image size of the running batch (None when idle: any size may start one)."""
+        return self.jobs[0].size if self.jobs else None
+
+    def prepare(self, background, mask=None, x_init=None, timesteps: int = 300, sampler: str = "ddpm",
+                t_start: float = 1.0, t_end: float = 0.0, eta: float = 0.0, tau: float = 1.0, init: str = "noise",
+                seed: int = 0) -> list[SlotJob]:
+        """A request's chunks, split and seeded as Engine.sample splits them; ValueError naming a bad input."""
+        engine = self.engine
+        background, mask, x_init, init_from, (_, c, h, w) = engine.checked_inputs(background, mask, x_init, init)
+        check_seed(seed)
+        table = step_table(engine.schedule, sampler, timesteps, t_start, t_end, eta=eta, tau=tau)
+        host_blend = (table.rows[:, COL_BLEND] != 0).tolist()
+        dev_table = table.to(self.device)
+        on_dev = lambda t: None if t is None else t.to(self.device, torch.float32)  # noqa: E731
+        parts = []
+        for part, part_seed in engine.chunks(background.shape[0], seed):
+            bg = on_dev(background[part])
+            if bg.shape[0] > self.slots:
+                raise ValueError(f"a request of {bg.shape[0]} images cannot run: this server steps at most "
+                                 f"{self.slots} images at a time (--max-batch)")
+            part_mask = None if mask is None else on_dev(mask if mask.shape[0] == 1 else mask[part])
+            parts.append(SlotJob(
+                background=bg, table=dev_table,
+                noise=self._noise(part_seed, self.device),
+                blends=[mask is not None and b for b in host_blend],
+                mask=None if part_mask is None else part_mask.expand(bg.shape[0], c, h, w),
+                x_init=None if x_init is None else on_dev(x_init[part]),
+                init_image=None if init_from is None else on_dev(init_from[part])))
+        return parts
+
+    def fits(self, job: SlotJob) -> bool:
+        """Whether the job can join the running batch now (free slots and the same image size)."""
+        return self.busy + job.rows <= self.slots and self.size in (None, job.size)
+
+    @torch.no_grad()
+    def admit(self, job: SlotJob) -> None:
+        """Give the job free slots and run its initial step (x_T and its first blend) for those rows only."""
+        if not self.fits(job):
+            raise ValueError(f"a job of {job.rows} images of size {job.size} does not fit: {self.busy}/{self.slots} "
+                             f"slots busy with size {self.size}")
+        with self.engine.lock:
+            self._layout(self.jobs + [job])
+            b, rows, c = self._bufs, slice(job.start, job.start + job.rows), self.engine.c_out
+            b.sample[rows, c:].copy_(job.background)
+            blend = job.blends[0]
+            if job.mask is not None:
+                b.mask[rows].copy_(job.mask)
+                b.x_init[rows].copy_(job.x_init)
+            eps0, eps1 = b.noise[0][rows], b.noise[1][rows]
+            job.noise.draw(0, eps0, eps1, True, blend)
+            initial_torch(b.x[rows], job.table.rows, eps0, eps1 if blend else None, model_in=b.sample[rows],
+                          t_in=b.timestep[rows], mask=b.mask[rows] if blend else None,
+                          x_init=b.x_init[rows] if blend else None, init_image=job.init_image)
+
+    @torch.no_grad()
+    def step(self) -> list[SlotJob]:
+        """One U-Net call over the busy slots and one per-row fused step; returns the jobs that finished (freed)."""
+        if not self.jobs:
+            return []
+        b, p = self._bufs, self._per_row
+        with self.engine.lock:
+            b.run_unet()
+            for job in self.jobs:  # each job's own draws for its step: eps2, then the eps1 of its next blend
+                rows = slice(job.start, job.start + job.rows)
+                blend_next = job.step + 1 < job.table.timesteps and job.blends[job.step + 1]
+                job.noise.draw(job.step + 1, b.noise[0][rows], b.noise[1][rows], job.table.draws_step_noise,
+                               blend_next)
+            step_slots_torch(b.x, b.eps, p["table"], p["offset"], p["step"], p["length"], *b.noise,
+                             draws=p["draws"], masked=p["masked"], model_in=b.sample, t_in=b.timestep, mask=b.mask,
+                             x_init=b.x_init)
+            p["step"].add_(1)
+            finished = []
+            for job in self.jobs:
+                job.step += 1
+                if job.remaining == 0:
+                    job.result = b.x[job.start:job.start + job.rows].to("cpu", copy=True)
+                    finished.append(job)
+            if finished:
+                self._layout([j for j in self.jobs if j.result is None])
+        return finished
+
+    def evict(self, jobs) -> None:
+        """Free the slots of jobs that will not finish (cancelled, past their deadline); effective from the next step."""
+        gone = set(jobs)
+        with self.engine.lock:
+            self._layout([j for j in self.jobs if j not in gone])
+
+    def _layout(self, jobs: list[SlotJob]) -> None:
+        """Place jobs in rows 0..n-1 of the buffer set for n rows (the smallest batch that holds them), carrying
+        the state of the ones already running, and rebuild the per-row table offsets and step indices."""
+        carried = [j for j in jobs if j.start >= 0 and j in self.jobs]
+        saved = None
+        if carried:  # gather first: the new buffer set is the old one when the row count did not change
+            index = torch.cat([torch.arange(j.start, j.start + j.rows) for j in carried]).to(self.device)
+            saved = {name: getattr(self._bufs, name).index_select(0, index) for name in _CARRIED}
+        for j in self.jobs:
+            j.start = -1
+        n = sum(j.rows for j in jobs)
+        self.jobs, self._per_row = jobs, {}
+        if n == 0:
+            self._bufs = None
+            return
+        self._bufs = self._runner.buffers(n, *jobs[0].size)
+        if saved is not None:
+            for name, value in saved.items():
+                getattr(self._bufs, name)[:value.shape[0]].copy_(value)
+        start, offset, per_row = 0, 0, {k: [] for k in ("offset", "step", "length", "draws", "masked")}
+        for j in jobs:  # carried jobs first, in their old order, so `saved` lines up with rows 0..k-1
+            j.start, start = start, start + j.rows
+            for key, value in (("offset", offset), ("step", j.step), ("length", j.table.timesteps),
+                               ("draws", j.table.draws_step_noise), ("masked", j.mask is not None)):
+                per_row[key] += [value] * j.rows
+            offset += j.table.timesteps
+        dev = self.device
+        self._per_row = {k: torch.tensor(v, dtype=torch.bool if k in ("draws", "masked") else torch.int64, device=dev)
+                         for k, v in per_row.items()}
+        self._per_row["table"] = torch.cat([j.table.rows for j in jobs])

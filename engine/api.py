@@ -72,7 +72,8 @@ class Engine:
         return_intermediates: also return the states after every `intermediates_every`-th step, [K, B, C, H, W].
         segments: [(rows, seed), ...] covering the batch in order (a batch assembled from several requests): each
             block of rows gets exactly the result a call with its rows alone and `seed=` that seed would give
-            (host-noise step only, i.e. step="torch"; at most max_batch rows in all).
+            (host-noise step only, i.e. step="torch"; at most max_batch rows in all). All blocks run one table from
+            step 0 and the multistep samplers' x0 history is per row, so blocks never share a history.
         """
         as_numpy = isinstance(background, np.ndarray)
         background = _as_tensor("background", background)

@@ -31,9 +31,9 @@ class StandInModel(torch.nn.Module):
         return (inp[:, : self.c_out] - a.sqrt() * x0_hat) / (1 - a).sqrt()
 
 
-def spec_loop(model, background, shape, rows, draws_step_noise, generator, mask=None, x_init=None, init_image=None,
-              x0_form=False, history=False):
+def spec_loop(model, background, shape, table, generator, mask=None, x_init=None, init_image=None):
     """initial_torch + T x step_torch, drawing the noise in the seed's order (x_T; per step eps1 then eps2)."""
+    rows, draws_step_noise = table.rows, table.draws_step_noise
     Tn = rows.shape[0]
     blends = [mask is not None and bool(rows[i, 6] != 0) for i in range(Tn)]
     draw = lambda: torch.randn(shape, generator=generator)  # noqa: E731
@@ -52,28 +52,34 @@ def spec_loop(model, background, shape, rows, draws_step_noise, generator, mask=
     t_in = torch.empty(B)
     initial_torch(x, rows, eps0, eps1_at[0], model_in=model_in, t_in=t_in, mask=mask, x_init=x_init,
                   init_image=init_image)
-    x0_prev = torch.zeros(shape) if history else None
+    x0_prev = torch.zeros(shape) if table.history else None
     for i in range(Tn):
         eps_hat = model(model_in, t_in)
         step_torch(x, eps_hat, rows, i, eps2_at[i], eps1_at[i + 1], model_in=model_in, t_in=t_in, mask=mask,
-                   x_init=x_init, x0_form=x0_form, x0_prev=x0_prev)
+                   x_init=x_init, x0_form=table.x0_form, x0_prev=x0_prev)
     return x
+
+
+def workload(seed, masked):
+    """background and x_init in [-1, 1] and a broadcast cloud mask (or None), [2, 1, 12, 10], from one seed."""
+    shape = (2, 1, 12, 10)
+    g = torch.Generator().manual_seed(seed)
+    background = torch.rand(shape, generator=g) * 2 - 1
+    x_init = torch.rand(shape, generator=g) * 2 - 1
+    mask = (torch.rand(1, 1, 12, 10, generator=g) > 0.4).float() if masked else None
+    return shape, background, x_init, mask
 
 
 @pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.5)])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("init", ["noise", "x_init"])
 def test_torch_spec_loop_equals_reference_sample(sampler, eta, masked, init):
-    shape = (2, 1, 12, 10)
-    g = torch.Generator().manual_seed(12)
-    background = torch.rand(shape, generator=g) * 2 - 1
-    x_init = torch.rand(shape, generator=g) * 2 - 1
-    mask = (torch.rand(1, 1, 12, 10, generator=g) > 0.4).float() if masked else None
+    shape, background, x_init, mask = workload(12, masked)
     model = StandInModel(2, 1)
     Tn = 25
     tab = step_table(sampler=sampler, timesteps=Tn, eta=eta, tau=0.8)
-    got = spec_loop(model, background, shape, tab.rows, tab.draws_step_noise, torch.Generator().manual_seed(99),
-                    mask=mask, x_init=x_init, init_image=x_init if init == "x_init" else None)
+    got = spec_loop(model, background, shape, tab, torch.Generator().manual_seed(99), mask=mask, x_init=x_init,
+                    init_image=x_init if init == "x_init" else None)
     expected = reference_sample(model, background, shape, mask=mask, x_init=x_init, timesteps=Tn, sampler=sampler,
                                 eta=eta, tau=0.8, init=init, generator=torch.Generator().manual_seed(99))
     # the spec's coefficients come from float64, the seed's loop computes them in float32: rounding only
@@ -89,8 +95,7 @@ def test_torch_spec_loop_equals_reference_sample_over_the_default_300_steps(samp
     mask = (torch.rand(1, 1, 8, 8, generator=g) > 0.4).float()
     model = StandInModel(2, 1)
     tab = step_table(sampler=sampler, timesteps=300)
-    got = spec_loop(model, background, shape, tab.rows, tab.draws_step_noise, torch.Generator().manual_seed(5),
-                    mask=mask, x_init=x_init)
+    got = spec_loop(model, background, shape, tab, torch.Generator().manual_seed(5), mask=mask, x_init=x_init)
     expected = reference_sample(model, background, shape, mask=mask, x_init=x_init, timesteps=300, sampler=sampler,
                                 generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
@@ -102,16 +107,11 @@ def test_torch_spec_loop_equals_reference_sample_over_the_default_300_steps(samp
 @pytest.mark.parametrize("Tn,t_start", [(10, 1.0), (300, 1.0), (6, 0.5)])
 def test_dpmpp_table_in_the_spec_loop_equals_reference_sample(sampler, spacing, masked, Tn, t_start):
     """The x0-form rows run by step_torch (with the x0_prev history) equal the eager DPM-Solver++(2M) update."""
-    shape = (2, 1, 12, 10)
-    g = torch.Generator().manual_seed(14)
-    background = torch.rand(shape, generator=g) * 2 - 1
-    x_init = torch.rand(shape, generator=g) * 2 - 1
-    mask = (torch.rand(1, 1, 12, 10, generator=g) > 0.4).float() if masked else None
+    shape, background, x_init, mask = workload(14, masked)
     model = StandInModel(2, 1)
     tab = step_table(sampler=sampler, timesteps=Tn, t_start=t_start, tau=0.8, spacing=spacing)
     assert tab.x0_form and tab.history
-    got = spec_loop(model, background, shape, tab.rows, tab.draws_step_noise, torch.Generator().manual_seed(7),
-                    mask=mask, x_init=x_init, x0_form=True, history=True)
+    got = spec_loop(model, background, shape, tab, torch.Generator().manual_seed(7), mask=mask, x_init=x_init)
     expected = reference_sample(model, background, shape, mask=mask, x_init=x_init, timesteps=Tn, sampler=sampler,
                                 t_start=t_start, tau=0.8, spacing=spacing, generator=torch.Generator().manual_seed(7))
     assert expected.abs().max() < 10

@@ -67,7 +67,8 @@ class Engine:
 
         seed: fast path, noise keyed by the seed (reproducible per seed, backend and batch split).
         generator: parity path, noise drawn host-side in the seed's order (equals `reference_sample`).
-        sampler: "ddpm", "ddim" (eta: its stochasticity), "dpmpp-2m" or "dpmpp-2m-sde" (DPM-Solver++(2M), Lu et al. 2022);
+        sampler: "ddpm", "ddim" (eta: its stochasticity), "dpmpp-2m" or "dpmpp-2m-sde" (DPM-Solver++(2M),
+            Lu et al. 2022);
         spacing: the time grid, "time" (the seed's, uniform in t) or "logsnr" (uniform in log-SNR).
         return_intermediates: also return the states after every `intermediates_every`-th step, [K, B, C, H, W].
         segments: [(rows, seed), ...] covering the batch in order (a batch assembled from several requests): each

@@ -1,4 +1,4 @@
-"""A discrete-time DDPM schedule (alphas_cumprod from betas, Ho et al. 2020 sec. 2) and its step tables, in diffusers' conventions.
+"""A discrete DDPM schedule (alphas_cumprod from betas, Ho et al. 2020 sec. 2) and its step tables, as in diffusers.
 
 The time value of a row is the model's integer timestep. Everything is float64 on the host, stored float32.
 """
@@ -20,7 +20,7 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # Lin et al. 2024, tabl
 
 @dataclass(frozen=True)
 class DiscreteSchedule:
-    """alphas_cumprod[t] = prod_{s <= t} (1 - beta_s), t = 0..N-1, with diffusers' beta schedules and timestep spacings."""
+    """alphas_cumprod[t] = prod_{s <= t} (1 - beta_s), t = 0..N-1, with diffusers' beta schedules and spacings."""
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.0001
@@ -46,7 +46,7 @@ class DiscreteSchedule:
 
     @cached_property
     def betas(self) -> np.ndarray:
-        """beta_t in float64: linear (Ho et al. 2020), scaled_linear (Stable Diffusion), squaredcos_cap_v2 (Nichol & Dhariwal 2021, eq. 17)."""
+        """beta_t, float64: linear (Ho et al. 2020), scaled_linear or squaredcos_cap_v2 (Nichol & Dhariwal 2021)."""
         n = self.num_train_timesteps
         if self.beta_schedule == "linear":
             return np.linspace(self.beta_start, self.beta_end, n, dtype=np.float64)
@@ -83,10 +83,11 @@ class DiscreteSchedule:
 
         multistep: DPMSolverMultistepScheduler's variant (linspace and leading space steps + 1 points, dropping 0).
         """
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= self.num_train_timesteps:
+        n = self.num_train_timesteps
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= n:
             raise ValueError(f"timesteps must be an integer in [1, num_train_timesteps={self.num_train_timesteps}], "
                              f"got {steps!r}")
-        n, k = self.num_train_timesteps, int(steps) + int(multistep)
+        k = int(steps) + int(multistep)
         if self.timestep_spacing == "linspace":
             ts = np.linspace(0, n - 1, k).round()[::-1]
         elif self.timestep_spacing == "leading":
@@ -96,13 +97,14 @@ class DiscreteSchedule:
             multistep = False
         ts = (ts[:-1] if multistep else ts).astype(np.int64)
         if np.any(np.diff(ts) >= 0) or ts.max() >= n:
-            raise ValueError(f"{steps} steps with {self.timestep_spacing!r} spacing and steps_offset {self.steps_offset} "
-                             f"give repeated or out-of-range timesteps (from {ts[0]} to {ts[-1]}, N = {n})")
+            raise ValueError(f"{steps} steps with {self.timestep_spacing!r} spacing and steps_offset "
+                             f"{self.steps_offset} give repeated or out-of-range timesteps (from {ts[0]} to {ts[-1]}, "
+                             f"N = {n})")
         return ts
 
 
 def _ddpm(a, a_next, ts, prediction):
-    """diffusers' DDPMScheduler.step: the posterior mean (Ho et al. 2020, eq. 7) on the clipped x0, sigma^2 = beta tilde."""
+    """diffusers' DDPMScheduler.step: posterior mean (Ho et al. 2020, eq. 7) on the clipped x0, sigma^2 = beta tilde."""
     a_x, a_o = x0_coefficients(a, prediction)
     beta = 1.0 - a / a_next
     var = np.maximum((1.0 - a_next) / (1.0 - a) * beta, 1e-20)
@@ -111,7 +113,7 @@ def _ddpm(a, a_next, ts, prediction):
 
 
 def _ddim(a, a_next, prediction, eta):
-    """diffusers' DDIMScheduler.step (use_clipped_model_output=False): Song et al. 2021, eq. 12 with the unclipped eps."""
+    """diffusers' DDIMScheduler.step (use_clipped_model_output=False): Song et al. 2021, eq. 12, unclipped eps."""
     a_x, a_o = x0_coefficients(a, prediction)
     sigma = eta * np.sqrt((1.0 - a_next) / (1.0 - a) * (1.0 - a / a_next))
     d = np.sqrt(1.0 - a_next - sigma**2)  # times eps_hat, which is o, or from v or x0 and x

@@ -33,7 +33,7 @@ def reference_sample(
     init: str = "noise",
     spacing: str = "time",
 ):
-    """Run the seed's `Diffuzz.sample` (DDPM, DDIM with eta, or DPM-Solver++(2M) / its SDE) and return x, or the T states.
+    """Run the seed's `Diffuzz.sample` (DDPM, DDIM with eta, DPM-Solver++(2M) or its SDE); return x, or the T states.
 
     Noise is drawn in the seed's order from `generator`: x_T; then per step eps1 (if masked), then eps2
     (DDPM, DDIM with eta > 0, dpmpp-2m-sde). CARE-SST variants: `init="background"|"x_init"` starts from

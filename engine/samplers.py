@@ -1,4 +1,4 @@
-"""Per-step sampler tables (DESIGN.md 3 and 3b): the seed's DDPM / DDIM as linear rows, DPM-Solver++(2M) as x0-form rows.
+"""Per-step sampler tables (DESIGN.md 3, 3b): the seed's DDPM / DDIM as linear rows, DPM-Solver++(2M) as x0-form rows.
 
 A row reads x_next = b_x x + b_o o + b_0 x0_hat + b_h x0_prev + c_z eps2 with x0_hat = clip(a_x x + a_o o); the
 seed's rows keep the x0 columns at zero (then the kernel skips the x0 work and nothing changes, bit for bit).
@@ -27,7 +27,7 @@ NUM_COLS = 12
 
 @dataclass(frozen=True)
 class StepTable:
-    """Row i: x_{i+1} = c_x x + c_e o + b_0 x0_hat + b_h x0_prev + c_z eps2; known_i = r_x x_init + r_z eps1; time t_i."""
+    """Row i: x_{i+1} = c_x x + c_e o + b_0 x0_hat + b_h x0_prev + c_z eps2; known_i = r_x x_init + r_z eps1; t_i."""
 
     rows: torch.Tensor  # [T, NUM_COLS] float32, computed in float64
     sampler: str
@@ -110,7 +110,7 @@ def time_grid(timesteps: int, t_start: float, t_end: float, spacing: str = "time
 
 
 def x0_coefficients(a: np.ndarray, prediction: str = "epsilon") -> tuple[np.ndarray, np.ndarray]:
-    """(a_x, a_o) with x0_hat = a_x x + a_o o: Ho et al. 2020 eq. 15 (epsilon), Salimans & Ho 2022 eq. 6 (v), o itself."""
+    """(a_x, a_o), x0_hat = a_x x + a_o o: Ho et al. 2020 eq. 15 (epsilon), Salimans & Ho 2022 (v), or o (sample)."""
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction type {prediction!r}; must be one of {list(PREDICTIONS)}")
     if prediction == "epsilon":

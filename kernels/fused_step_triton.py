@@ -424,7 +424,8 @@ def step_triton(
         eps1 if eps1 is not None else x, eps2 if eps2 is not None else x, x0_prev if x0_prev is not None else x,
         C, H * W, T, plane_offset,
         HAS_MASK=mask is not None, HAS_NOISE=has_noise, PAIRED_NOISE=paired, HAS_OUT=x_out is not None,
-        HAS_X0=bool(x0_form), HAS_HIST=x0_prev is not None, BLOCK=block, FAST_MATH=not interpreting(), num_warps=num_warps, enable_fp_fusion=fp_fusion,
+        HAS_X0=bool(x0_form), HAS_HIST=x0_prev is not None,
+        BLOCK=block, FAST_MATH=not interpreting(), num_warps=num_warps, enable_fp_fusion=fp_fusion,
     )
     return x
 

@@ -13,7 +13,6 @@ import torch
 from .schedule import CosineSchedule
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp-2m", "dpmpp-2m-sde")
-HISTORY_SAMPLERS = ("dpmpp-2m", "dpmpp-2m-sde")  # rows with b_h != 0: the x0 of the previous step is kept
 # The 2M samplers take their first and last steps first order: below 3 steps none would be second order.
 MIN_STEPS = {"ddpm": 1, "ddim": 1, "dpmpp-2m": 3, "dpmpp-2m-sde": 3}
 SPACINGS = ("time", "logsnr")  # the seed's grid uniform in t, or uniform in log-SNR (Lu et al. 2022)
@@ -63,8 +62,7 @@ def check_sampler(sampler, timesteps=None) -> str:
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; must be one of {list(SAMPLERS)}")
     need = MIN_STEPS[sampler]
-    if timesteps is not None and not isinstance(timesteps, bool) and isinstance(timesteps, (int, np.integer)) \
-            and 1 <= timesteps < need:
+    if isinstance(timesteps, (int, np.integer)) and not isinstance(timesteps, bool) and timesteps < need:
         raise ValueError(f"sampler {sampler!r} needs timesteps >= {need} (its first and last steps are first "
                          f"order), got {timesteps}")
     return sampler
@@ -146,8 +144,9 @@ def dpmpp_2m(a: np.ndarray, a_next: np.ndarray, sde: bool) -> dict:
     h = log_snr(a_next) - log_snr(a)
     second = np.zeros(T, dtype=bool)
     second[1:T - 1] = (h[:T - 2] > 0) & (h[1:T - 1] > 0)
+    i = np.flatnonzero(second)
     k = np.zeros(T)  # 1 / (2 r), r = h_prev / h
-    k[second] = h[1:][second[1:]] / (2.0 * h[:-1][second[1:]])
+    k[i] = h[i] / (2.0 * h[i - 1])
     ratio = np.sqrt(1.0 - a_next) / np.sqrt(1.0 - a)
     if sde:
         b = np.sqrt(a_next) * (1.0 - e_h**2)

@@ -81,7 +81,7 @@ class DiscreteSchedule:
     def timesteps(self, steps: int, multistep: bool = False) -> np.ndarray:
         """The descending integer timesteps of a `steps`-step run, as diffusers' DDPM/DDIM set_timesteps computes them.
 
-        multistep: DPMSolverMultistepScheduler's variant (linspace and leading space steps + 1 points, dropping 0).
+        multistep: DPMSolverMultistepScheduler's variant (linspace, leading: steps + 1 points, the last one dropped).
         """
         n = self.num_train_timesteps
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= n:
@@ -94,8 +94,9 @@ class DiscreteSchedule:
             ts = (np.arange(0, k) * (n // k)).round()[::-1] + self.steps_offset
         else:
             ts = np.round(np.arange(n, 0, -n / steps)) - 1
-            multistep = False
-        ts = (ts[:-1] if multistep else ts).astype(np.int64)
+        if multistep and self.timestep_spacing != "trailing":
+            ts = ts[:-1]  # the multistep scheduler's extra point, timestep 0 (or steps_offset)
+        ts = ts.astype(np.int64)
         if np.any(np.diff(ts) >= 0) or ts.max() >= n:
             raise ValueError(f"{steps} steps with {self.timestep_spacing!r} spacing and steps_offset "
                              f"{self.steps_offset} give repeated or out-of-range timesteps (from {ts[0]} to {ts[-1]}, "

@@ -86,7 +86,7 @@ def reference_sample(
 
 
 def _dpmpp_2m_step(x, eps, a, a_next, history, last, sde, draw):
-    """One DPM-Solver++(2M) step (Lu et al. 2022, alg. 2; sde: sec. 4.2), first order on the first and last step.
+    """One DPM-Solver++(2M) step (Lu et al. 2022, alg. 2; sde: its SDE variant), first order on the first and last step.
 
     history = (x0 of the previous step or None, its log-SNR step h_prev); returns (x_next, new history).
     Where the previous step did not move (h_prev = 0, the clamped start of the seed's schedule) it is first order too.

@@ -133,7 +133,7 @@ def seed_ddim(a: np.ndarray, a_next: np.ndarray, eta: float) -> dict:
 
 
 def dpmpp_2m(a: np.ndarray, a_next: np.ndarray, sde: bool) -> dict:
-    """DPM-Solver++(2M), Lu et al. 2022, alg. 2 (sde: the SDE variant, sec. 4.2 / diffusers' "sde-dpmsolver++").
+    """DPM-Solver++(2M), Lu et al. 2022, alg. 2 (sde: its SDE variant, diffusers' "sde-dpmsolver++").
 
     First order (DPM-Solver++1 = DDIM on x0) on the first and last step, and wherever the previous step did not
     move (h_prev = 0: the seed's clamped first steps), since then r = h_prev / h gives no slope.

@@ -63,15 +63,19 @@ class Engine:
     def sample(self, background, mask=None, x_init=None, timesteps: int = 300, sampler: str = "ddpm",
                t_start: float = 1.0, t_end: float = 0.0, seed: int = 0, generator: torch.Generator | None = None,
                eta: float = 0.0, tau: float = 1.0, init: str = "noise", return_intermediates: bool = False,
-               intermediates_every: int = 1, segments=None):
+               intermediates_every: int = 1, segments=None, spacing: str = "time"):
         """Sample [B, C, H, W] like the seed's `sample`; numpy in gives numpy out.
 
         seed: fast path, noise keyed by the seed (reproducible per seed, backend and batch split).
         generator: parity path, noise drawn host-side in the seed's order (equals `reference_sample`).
+        sampler: "ddpm", "ddim" (eta: its stochasticity), "dpmpp-2m" or "dpmpp-2m-sde" (DPM-Solver++(2M),
+            Lu et al. 2022);
+        spacing: the time grid, "time" (the seed's, uniform in t) or "logsnr" (uniform in log-SNR).
         return_intermediates: also return the states after every `intermediates_every`-th step, [K, B, C, H, W].
         segments: [(rows, seed), ...] covering the batch in order (a batch assembled from several requests): each
             block of rows gets exactly the result a call with its rows alone and `seed=` that seed would give
-            (host-noise step only, i.e. step="torch"; at most max_batch rows in all).
+            (host-noise step only, i.e. step="torch"; at most max_batch rows in all). All blocks run one table from
+            step 0 and the multistep samplers' x0 history is per row, so blocks never share a history.
         """
         as_numpy = isinstance(background, np.ndarray)
         background, mask, x_init, init_from, shape = self.checked_inputs(background, mask, x_init, init)
@@ -82,7 +86,7 @@ class Engine:
             raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if segments is not None:
             generator = self._segment_generators(segments, shape[0], generator)
-        table = step_table(self.schedule, sampler, timesteps, t_start, t_end, eta=eta, tau=tau)
+        table = step_table(self.schedule, sampler, timesteps, t_start, t_end, eta=eta, tau=tau, spacing=spacing)
 
         outputs, inters = [], []
         with self.lock:

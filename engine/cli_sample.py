@@ -10,7 +10,7 @@ import numpy as np
 
 from .backends import BACKENDS
 from .runner import STEP_IMPLS
-from .samplers import SAMPLERS
+from .samplers import SAMPLERS, SPACINGS
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -20,7 +20,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step", choices=STEP_IMPLS, default=None,
                    help="fused-step implementation (default: triton on CUDA, torch on CPU)")
     p.add_argument("--timesteps", type=int, default=100, help="number of sampling steps T")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="DDPM (Ho et al. 2020) or DDIM (Song et al. 2021)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
+                   help="DDPM (Ho et al. 2020), DDIM (Song et al. 2021), or DPM-Solver++(2M) and its SDE variant "
+                   "(Lu et al. 2022; at least 3 steps)")
+    p.add_argument("--spacing", choices=SPACINGS, default="time",
+                   help="time grid: uniform in t (the seed's) or uniform in log-SNR")
     p.add_argument("--seed", type=int, default=0, help="noise seed (same seed, backend and batch: same result)")
 
 
@@ -93,7 +97,7 @@ def run_sample(args) -> int:
     start = time.perf_counter()
     x = engine.sample(arrays["background"], mask=arrays["mask"], x_init=arrays["x-init"], timesteps=args.timesteps,
                       sampler=args.sampler, t_start=args.t_start, t_end=args.t_end, seed=args.seed, eta=args.eta,
-                      tau=args.tau, init=args.init)
+                      tau=args.tau, init=args.init, spacing=args.spacing)
     seconds = time.perf_counter() - start
     _save_npy(out, x)
     print(f"wrote {out} {list(x.shape)} in {seconds:.2f} s ({1000 * seconds / args.timesteps:.1f} ms/step, "
@@ -120,7 +124,8 @@ def run_reconstruct(args) -> int:
     tiles = tiles[: args.limit] if args.limit else tiles
     engine = load(args.engine, backend=args.backend, step=args.step)
     results, timing = reconstruct(engine, tiles, samples=args.samples, batch=args.batch, timesteps=args.timesteps,
-                                  sampler=args.sampler, seed=args.seed, t_start=args.t_start, init=args.init)
+                                  sampler=args.sampler, seed=args.seed, t_start=args.t_start, init=args.init,
+                                  spacing=args.spacing)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     summary = []

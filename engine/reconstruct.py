@@ -69,7 +69,7 @@ def synthetic_tiles(count: int, size: int = 64, seed: int = 2024) -> list[tuple[
 
 def reconstruct(engine, tiles: list[tuple[str, Tile]], samples: int = 1, batch: int = 8, timesteps: int = 100,
                 sampler: str = "ddpm", seed: int = 0, t_start: float = 1.0, init: str = "noise",
-                progress: bool = True) -> tuple[list[Reconstruction], dict]:
+                progress: bool = True, spacing: str = "time") -> tuple[list[Reconstruction], dict]:
     """Sample every tile `samples` times in batches of up to `batch` rows; returns results and timing.
 
     t_start < 1 with init="background" is CARE-SST's partial-noise start: diffuse the background to t_start.
@@ -90,7 +90,7 @@ def reconstruct(engine, tiles: list[tuple[str, Tile]], samples: int = 1, batch: 
                 stack = lambda field: torch.stack([getattr(t, field) for _, t in group])  # noqa: E731
                 x = engine.sample(stack("background"), mask=stack("mask"), x_init=stack("x_init"),
                                   timesteps=timesteps, sampler=sampler, seed=seed + 1000 * b + g,
-                                  t_start=t_start, init=init)
+                                  t_start=t_start, init=init, spacing=spacing)
                 for (k, _), out in zip(group, x[:, 0].numpy()):
                     outputs[k].append(out)
                 bar.update(len(group))

@@ -1,6 +1,8 @@
 """The seed's sampling loop in eager PyTorch: the oracle every faster path is checked against, and the baseline."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .samplers import check_eta_tau, check_sampler, check_time_range, time_grid
@@ -29,22 +31,25 @@ def reference_sample(
     eta: float = 0.0,
     tau: float = 1.0,
     init: str = "noise",
+    spacing: str = "time",
 ):
-    """Run the seed's `Diffuzz.sample` (DDPM, or DDIM with eta) and return x, or the T states after each step.
+    """Run the seed's `Diffuzz.sample` (DDPM, DDIM with eta, DPM-Solver++(2M) or its SDE); return x, or the T states.
 
     Noise is drawn in the seed's order from `generator`: x_T; then per step eps1 (if masked), then eps2
-    (DDPM, or DDIM with eta > 0). CARE-SST variants: `init="background"|"x_init"` starts from
+    (DDPM, DDIM with eta > 0, dpmpp-2m-sde). CARE-SST variants: `init="background"|"x_init"` starts from
     diffuse(init image, t_start) instead of pure noise; `tau` < 1 stops blending after that fraction of steps.
+    spacing: the time grid, "time" (the seed's linspace) or "logsnr" (uniform in log-SNR).
     """
     schedule = schedule or CosineSchedule()
-    check_sampler(sampler)
     check_time_range(timesteps, t_start, t_end)
+    check_sampler(sampler, timesteps)
     check_eta_tau(sampler, eta, tau)
     shape = check_sample_inputs(background, shape, mask, x_init)
     source = init_image(init, background, x_init, shape[1])
 
     b = shape[0]
-    grid = time_grid(timesteps, float(t_start), float(t_end))
+    grid = time_grid(timesteps, float(t_start), float(t_end), spacing, schedule)
+    history = (None, 0.0)  # (x0 of the previous step, its log-SNR step h) for DPM-Solver++(2M)
     x = _randn(shape, background, generator)
     if source is not None:
         x = diffuse(source.float(), torch.full((b,), grid[0], dtype=torch.float64), x, schedule)
@@ -60,7 +65,11 @@ def reference_sample(
         # Schedule values stay Python floats (float64): in float32, 1 - 0.9999 is off by 2e-4 relative,
         # and in fp16/bf16 0.9999 rounds to 1 and 1 - abar vanishes.
         a, a_prev = schedule.alpha_cumprod(t), schedule.alpha_cumprod(t_prev)
-        if sampler == "ddpm":
+        if sampler.startswith("dpmpp"):
+            last = i == timesteps - 1
+            x, history = _dpmpp_2m_step(x, pred_noise, a, a_prev, history, last, sampler == "dpmpp-2m-sde",
+                                        lambda: _randn(shape, x, generator) * float(t_prev != 0))
+        elif sampler == "ddpm":
             alpha = a / a_prev
             mu = (1.0 / alpha) ** 0.5 * (x - (1 - alpha) * pred_noise / (1 - a) ** 0.5)
             std = ((1 - alpha) * (1.0 - a_prev) / (1.0 - a)) ** 0.5 * _randn(shape, x, generator)
@@ -74,3 +83,26 @@ def reference_sample(
         if return_intermediates:
             preds.append(x)
     return preds if return_intermediates else x
+
+
+def _dpmpp_2m_step(x, eps, a, a_next, history, last, sde, draw):
+    """One DPM-Solver++(2M) step (Lu et al. 2022, alg. 2; sde: its SDE variant), first order on the first and last step.
+
+    history = (x0 of the previous step or None, its log-SNR step h_prev); returns (x_next, new history).
+    Where the previous step did not move (h_prev = 0, the clamped start of the seed's schedule) it is first order too.
+    """
+    x0 = (x - (1 - a) ** 0.5 * eps) / a**0.5
+    lam = lambda v: 0.5 * math.log(v / (1 - v))  # noqa: E731
+    h = lam(a_next) - lam(a)
+    x0_prev, h_prev = history
+    d = x0
+    if x0_prev is not None and not last and h_prev > 0 and h > 0:
+        r = h_prev / h
+        d = x0 + (x0 - x0_prev) / (2 * r)
+    e_h = math.exp(-h)
+    if sde:
+        x = ((1 - a_next) / (1 - a)) ** 0.5 * e_h * x + a_next**0.5 * (1 - e_h**2) * d \
+            + (1 - a_next) ** 0.5 * (1 - e_h**2) ** 0.5 * draw()
+    else:
+        x = ((1 - a_next) / (1 - a)) ** 0.5 * x - a_next**0.5 * (e_h - 1) * d
+    return x, (x0, h)

@@ -25,6 +25,11 @@ def _randn(out: torch.Tensor, gen) -> torch.Tensor:
     return out
 
 
+def _x0_args(bufs: "BufferSet", table: StepTable) -> dict:
+    """The step's x0-form arguments: the kernel's compile-time flag, and the history buffer where the table has one."""
+    return {"x0_form": table.x0_form, "x0_prev": bufs.x0_prev if table.history else None}
+
+
 @dataclass
 class BufferSet:
     """Everything one (batch, H, W) needs, allocated once; graphs and bindings refer to these addresses."""
@@ -37,15 +42,16 @@ class BufferSet:
     mask: torch.Tensor  # 1 = generate, fp32 [B, C, H, W]
     init: torch.Tensor  # image the loop starts from, diffused to t_start (CARE-SST variant), fp32
     noise: tuple[torch.Tensor, torch.Tensor]  # (eps0 / eps2, eps1): host-drawn noise
+    x0_prev: torch.Tensor  # x0_hat of the previous step, fp32 [B, C, H, W]: multistep samplers' history (DESIGN 3b)
     step: torch.Tensor  # int64 [1]: the step index the kernel reads (advanced on the device)
     seed: torch.Tensor  # int64 [1]: the Philox key
     rows: dict[int, torch.Tensor] = field(default_factory=dict)  # step table buffers per T (graphs read them)
     run_unet: Callable[[], None] | None = None
-    graphs: dict = field(default_factory=dict)  # (T, draws_noise, masked) -> (CUDAGraph, captured addresses)
+    graphs: dict = field(default_factory=dict)  # (T, draws_noise, masked, x0_form, history) -> (graph, addresses)
 
     def addresses(self) -> tuple[int, ...]:
         return tuple(t.data_ptr() for t in (self.sample, self.timestep, self.eps, self.x, self.x_init, self.mask,
-                                            self.init, self.step, self.seed))
+                                            self.init, self.x0_prev, self.step, self.seed))
 
 
 class Runner:
@@ -97,7 +103,7 @@ class Runner:
             sample=torch.zeros(batch, self.c_in, height, width, device=dev, dtype=io["sample"]),
             timestep=torch.zeros(batch, device=dev, dtype=io["timestep"]),
             eps=torch.zeros(batch, c, height, width, device=dev, dtype=io["eps"]),
-            x=state(), x_init=state(), mask=state(), init=state(), noise=(state(), state()),
+            x=state(), x_init=state(), mask=state(), init=state(), noise=(state(), state()), x0_prev=state(),
             step=torch.zeros(1, dtype=torch.int64, device=dev),
             seed=torch.zeros(1, dtype=torch.int64, device=dev),
         )
@@ -144,6 +150,8 @@ class Runner:
         if init_image is not None:
             bufs.init.copy_(init_image)
         rows = self._rows(bufs, table)
+        if table.history:
+            bufs.x0_prev.zero_()  # the first step has b_h = 0; a stale non-finite value must not leak in as 0 * inf
         host_noise = generator is not None or self.step_impl == "torch"
         if host_noise:
             if generator is None:
@@ -167,6 +175,7 @@ class Runner:
         _randn(eps_a, gen)
         eps1 = _randn(eps_b, gen) if blends[0] else None
         k = self.kernels
+        x0_args = _x0_args(bufs, table)
         if self.step_impl == "triton":
             k.initial_triton(bufs.x, rows, None, model_in=bufs.sample, t_in=bufs.timestep,
                            mask=mask if blends[0] else None, x_init=x_init, init_image=init_img,
@@ -184,17 +193,18 @@ class Runner:
             if self.step_impl == "triton":
                 k.step_triton(bufs.x, bufs.eps, rows, bufs.step, None, model_in=bufs.sample, t_in=bufs.timestep,
                             mask=mask if blend_next else None, x_init=x_init, x_out=x_out,
-                            draws_step_noise=eps2 is not None, eps1=eps1, eps2=eps2)
+                            draws_step_noise=eps2 is not None, eps1=eps1, eps2=eps2, **x0_args)
                 bufs.step.add_(1)
             else:
                 k.step_torch(bufs.x, bufs.eps, rows, i, eps2, eps1, model_in=bufs.sample, t_in=bufs.timestep,
-                           mask=mask if blend_next else None, x_init=x_init, x_out=x_out)
+                           mask=mask if blend_next else None, x_init=x_init, x_out=x_out, **x0_args)
 
     def _loop_device_noise(self, bufs, table, rows, masked, has_init, seed, intermediates, every):
         """Fast path: in-kernel Philox noise, step index on the device; on CUDA, one graph replayed T times."""
         k = self.kernels
         mask, x_init = (bufs.mask, bufs.x_init) if masked else (None, None)
         init_img = bufs.init if has_init else None
+        x0_args = _x0_args(bufs, table)
         bufs.seed.fill_(seed)
         bufs.step.zero_()
         k.initial_triton(bufs.x, rows, bufs.seed, model_in=bufs.sample, t_in=bufs.timestep, mask=mask,
@@ -203,11 +213,12 @@ class Runner:
         def one_step(x_out=None):
             bufs.run_unet()
             k.step_triton(bufs.x, bufs.eps, rows, bufs.step, bufs.seed, model_in=bufs.sample, t_in=bufs.timestep,
-                        mask=mask, x_init=x_init, x_out=x_out, draws_step_noise=table.draws_step_noise)
+                        mask=mask, x_init=x_init, x_out=x_out, draws_step_noise=table.draws_step_noise, **x0_args)
             bufs.step.add_(1)
 
         if self.cuda_graphs and intermediates is None:
-            graph = self._graph(bufs, (table.timesteps, table.draws_step_noise, masked), one_step)
+            graph = self._graph(bufs, (table.timesteps, table.draws_step_noise, masked, table.x0_form, table.history),
+                                one_step)
             for _ in range(table.timesteps):
                 graph.replay()
             return
@@ -225,7 +236,8 @@ class Runner:
             return graph
         # Warm up on a side stream (lazy initialisation, autotuning and TensorRT's first enqueue must not
         # be captured), then capture on it; the step counter is restored so the replayed run starts at 0.
-        saved = (bufs.x.clone(), bufs.sample.clone(), bufs.timestep.clone(), bufs.step.clone())
+        restored = (bufs.x, bufs.sample, bufs.timestep, bufs.step, bufs.x0_prev)
+        saved = tuple(buf.clone() for buf in restored)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -234,7 +246,7 @@ class Runner:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, stream=side):
             one_step()
-        for buf, value in zip((bufs.x, bufs.sample, bufs.timestep, bufs.step), saved):
+        for buf, value in zip(restored, saved):
             buf.copy_(value)
         bufs.graphs[key] = (graph, bufs.addresses())
         return graph

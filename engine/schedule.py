@@ -46,6 +46,17 @@ class CosineSchedule:
         out = np.clip(num / den, self.clamp_min, self.clamp_max)
         return float(out) if out.ndim == 0 else out
 
+    def time_at(self, abar) -> np.ndarray:
+        """The t with alpha_cumprod(t) = abar, for abar inside the clamp range (the cosine and the warp inverted)."""
+        s = self.s
+        den = math.cos(s / (1 + s) * math.pi * 0.5) ** 2
+        w = np.arccos(np.sqrt(np.asarray(abar, dtype=np.float64) * den)) * 2 / math.pi * (1 + s) - s
+        if self.scaler > 1:
+            return 1 - (1 - w) ** (1 / self.scaler)
+        if self.scaler < 1:
+            return w ** (1 / self.scaler)
+        return w
+
 
 def diffuse(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, schedule: CosineSchedule) -> torch.Tensor:
     """q(x_t | x_0) sample: sqrt(abar) x0 + sqrt(1 - abar) eps (Ho et al. 2020, eq. 4); t is [B]."""

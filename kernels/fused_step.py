@@ -2,7 +2,12 @@
 
 One step i of the seed's loop, rewritten on the linear step table (engine.samplers.StepTable rows):
 
-    x_{i+1} = c_x[i] * x + c_e[i] * eps_hat + c_z[i] * eps2
+    x_{i+1} = c_x[i] * x + c_e[i] * eps_hat                            # b_x, b_o of the x0-form (DESIGN 3b)
+    if x0_form:                                                         # a table with x0 columns (not the seed's)
+        x0 = a_x[i] * x + a_o[i] * eps_hat ; x0 = clamp(x0, -clip[i], clip[i]) if clip[i] > 0
+        x_{i+1} += b_0[i] * x0
+        if x0_prev is given: x_{i+1} += b_h[i] * x0_prev ; x0_prev = x0   # the history of multistep samplers
+    x_{i+1} += c_z[i] * eps2                                            # if eps2 is given
     if i + 1 < T:
         t_in[:] = t[i + 1]
         xn = mask * x_{i+1} + (1 - mask) * (r_x[i+1] * x_init + r_z[i+1] * eps1)   if mask and blend[i+1]
@@ -20,11 +25,12 @@ import operator
 
 import torch
 
-from ddpm_engine.engine.samplers import COL_BLEND, COL_CE, COL_CX, COL_CZ, COL_RX, COL_RZ, COL_T, NUM_COLS
+from ddpm_engine.engine.samplers import (COL_AO, COL_AX, COL_B0, COL_BH, COL_BLEND, COL_CE, COL_CLIP, COL_CX, COL_CZ,
+                                         COL_RX, COL_RZ, COL_T, NUM_COLS)
 
 
 def check_rows(rows: torch.Tensor) -> int:
-    """Return T for a [T, 7] float32 contiguous step table, or raise ValueError."""
+    """Return T for a [T, NUM_COLS] float32 contiguous step table, or raise ValueError."""
     if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.shape[1] != NUM_COLS or rows.shape[0] < 1:
         raise ValueError(f"rows must be the [T, {NUM_COLS}] step table, got "
                          f"{tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__}")
@@ -86,15 +92,29 @@ def step_torch(
     mask: torch.Tensor | None = None,
     x_init: torch.Tensor | None = None,
     x_out: torch.Tensor | None = None,
+    x0_form: bool = False,
+    x0_prev: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Step i (a Python int, or an int64 tensor on x's device): update x in place and write model_in[:, :C], t_in.
 
     eps2 is the step noise (None: no noise term, DDIM with eta = 0); eps1 the blend noise of step i + 1
-    (needed with a mask). Returns x.
+    (needed with a mask). x0_form: the table has x0 columns (StepTable.x0_form); x0_prev: the history buffer
+    (StepTable.history), read and then overwritten with this step's x0_hat. Returns x.
     """
     C = x.shape[1]
     row, nxt, has_next = _rows_at(rows, step)
-    x_next = row[COL_CX] * x + row[COL_CE] * eps_hat.float()
+    eps_hat = eps_hat.float()
+    x_next = row[COL_CX] * x + row[COL_CE] * eps_hat
+    if x0_prev is not None and not x0_form:
+        raise ValueError("x0_prev (the history of a multistep sampler) needs x0_form=True")
+    if x0_form:
+        x0 = row[COL_AX] * x + row[COL_AO] * eps_hat
+        clip = row[COL_CLIP]
+        x0 = torch.where(clip > 0, torch.minimum(torch.maximum(x0, -clip), clip), x0)
+        x_next += row[COL_B0] * x0
+        if x0_prev is not None:
+            x_next += row[COL_BH] * x0_prev
+            x0_prev.copy_(x0)
     if eps2 is not None:
         x_next += row[COL_CZ] * eps2
     if x_out is not None:

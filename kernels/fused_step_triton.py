@@ -32,7 +32,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ddpm_engine.engine.samplers import COL_BLEND, COL_CE, COL_CX, COL_CZ, COL_RX, COL_RZ, COL_T, NUM_COLS
+from ddpm_engine.engine.samplers import (COL_AO, COL_AX, COL_B0, COL_BH, COL_BLEND, COL_CE, COL_CLIP, COL_CX, COL_CZ,
+                                         COL_RX, COL_RZ, COL_T, NUM_COLS)
 
 from .fused_step import check_rows
 
@@ -43,7 +44,8 @@ CHUNK = tl.constexpr(CHUNK_SIZE)
 HALF = tl.constexpr(CHUNK_SIZE // 2)
 
 # The kernels index a row with these literal offsets (jit code reads only constexpr globals).
-assert (COL_T, COL_CX, COL_CE, COL_CZ, COL_RX, COL_RZ, COL_BLEND, NUM_COLS) == (0, 1, 2, 3, 4, 5, 6, 7)
+assert (COL_T, COL_CX, COL_CE, COL_CZ, COL_RX, COL_RZ, COL_BLEND, COL_AX, COL_AO, COL_CLIP, COL_B0, COL_BH,
+        NUM_COLS) == tuple(range(13))
 
 
 @triton.jit
@@ -99,9 +101,10 @@ def _to_model_dtype(v, DT: tl.constexpr):
 
 @triton.jit
 def _step_part(
-    x_ptr, eps_hat_ptr, model_in_ptr, mi_off, mask_ptr, m_off, x_init_ptr, x_out_ptr, eps1_ptr, eps2_ptr,
-    base, hw, HW, z2, z1, c_x, c_e, c_z, r_x, r_z, blend, has_next,
+    x_ptr, eps_hat_ptr, model_in_ptr, mi_off, mask_ptr, m_off, x_init_ptr, x_out_ptr, eps1_ptr, eps2_ptr, x0_prev_ptr,
+    base, hw, HW, z2, z1, c_x, c_e, c_z, r_x, r_z, blend, has_next, a_x, a_o, clip, b_0, b_h,
     HAS_MASK: tl.constexpr, HAS_NOISE: tl.constexpr, PAIRED_NOISE: tl.constexpr, HAS_OUT: tl.constexpr,
+    HAS_X0: tl.constexpr, HAS_HIST: tl.constexpr,
 ):
     """Step i for the elements `hw` of one plane (int64 element offset `base`); z2, z1: Philox draws or unused."""
     inb = hw < HW
@@ -109,6 +112,13 @@ def _step_part(
     x = tl.load(x_ptr + idx, mask=inb, other=0.0)
     e = tl.load(eps_hat_ptr + idx, mask=inb, other=0.0).to(tl.float32)
     x_next = c_x * x + c_e * e
+    if HAS_X0:  # the x0-form columns (DESIGN 3b); compiled out for the seed's tables
+        x0 = a_x * x + a_o * e
+        x0 = tl.where(clip > 0, tl.minimum(tl.maximum(x0, -clip), clip), x0)
+        x_next = x_next + b_0 * x0
+        if HAS_HIST:
+            x_next = x_next + b_h * tl.load(x0_prev_ptr + idx, mask=inb, other=0.0)
+            tl.store(x0_prev_ptr + idx, x0, mask=inb)
     if HAS_NOISE:
         if PAIRED_NOISE:
             z2 = tl.load(eps2_ptr + idx, mask=inb, other=0.0)
@@ -136,10 +146,10 @@ def _step_part(
 def _step_kernel(
     x_ptr, eps_hat_ptr, rows_ptr, step_ptr, seed_ptr,
     model_in_ptr, mi_sb, mi_sc, t_in_ptr,
-    mask_ptr, m_sb, m_sc, x_init_ptr, x_out_ptr, eps1_ptr, eps2_ptr,
+    mask_ptr, m_sb, m_sc, x_init_ptr, x_out_ptr, eps1_ptr, eps2_ptr, x0_prev_ptr,
     C, HW, T, plane_offset,
     HAS_MASK: tl.constexpr, HAS_NOISE: tl.constexpr, PAIRED_NOISE: tl.constexpr, HAS_OUT: tl.constexpr,
-    BLOCK: tl.constexpr, FAST_MATH: tl.constexpr,
+    HAS_X0: tl.constexpr, HAS_HIST: tl.constexpr, BLOCK: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
     # grid = (B * C planes, cdiv(H * W, BLOCK)); BLOCK is a multiple of CHUNK. No per-element division,
     # all element offsets int64. Each program does the low halves of its chunks, then the high halves,
@@ -154,10 +164,18 @@ def _step_kernel(
     hw_lo, hw_hi, k = _chunk_tiles(pid_hw, BLOCK)
 
     step = tl.load(step_ptr).to(tl.int64)
-    row = rows_ptr + step * 7
+    row = rows_ptr + step * 12
     has_next = step + 1 < T
-    nxt = rows_ptr + tl.minimum(step + 1, T - 1) * 7
+    nxt = rows_ptr + tl.minimum(step + 1, T - 1) * 12
     c_x, c_e, c_z = tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+    a_x = 0.0  # placeholders where the table has no x0 columns
+    a_o = 0.0
+    clip = 0.0
+    b_0 = 0.0
+    b_h = 0.0
+    if HAS_X0:
+        a_x, a_o, clip = tl.load(row + 7), tl.load(row + 8), tl.load(row + 9)
+        b_0, b_h = tl.load(row + 10), tl.load(row + 11)
     r_x, r_z = tl.load(nxt + 4), tl.load(nxt + 5)  # the blend before step i + 1's model call
     blend = has_next & (tl.load(nxt + 6) != 0)
 
@@ -170,11 +188,11 @@ def _step_kernel(
             z2_lo, z1_lo, z2_hi, z1_hi = _pair_normals(tl.load(seed_ptr), plane_offset + plane.to(tl.int64), k,
                                                        (step + 1).to(tl.uint32), FAST_MATH)
     _step_part(x_ptr, eps_hat_ptr, model_in_ptr, mi_off, mask_ptr, m_off, x_init_ptr, x_out_ptr, eps1_ptr, eps2_ptr,
-               base, hw_lo, HW, z2_lo, z1_lo, c_x, c_e, c_z, r_x, r_z, blend, has_next,
-               HAS_MASK, HAS_NOISE, PAIRED_NOISE, HAS_OUT)
+               x0_prev_ptr, base, hw_lo, HW, z2_lo, z1_lo, c_x, c_e, c_z, r_x, r_z, blend, has_next,
+               a_x, a_o, clip, b_0, b_h, HAS_MASK, HAS_NOISE, PAIRED_NOISE, HAS_OUT, HAS_X0, HAS_HIST)
     _step_part(x_ptr, eps_hat_ptr, model_in_ptr, mi_off, mask_ptr, m_off, x_init_ptr, x_out_ptr, eps1_ptr, eps2_ptr,
-               base, hw_hi, HW, z2_hi, z1_hi, c_x, c_e, c_z, r_x, r_z, blend, has_next,
-               HAS_MASK, HAS_NOISE, PAIRED_NOISE, HAS_OUT)
+               x0_prev_ptr, base, hw_hi, HW, z2_hi, z1_hi, c_x, c_e, c_z, r_x, r_z, blend, has_next,
+               a_x, a_o, clip, b_0, b_h, HAS_MASK, HAS_NOISE, PAIRED_NOISE, HAS_OUT, HAS_X0, HAS_HIST)
     t_next = tl.load(nxt)
     tl.store(t_in_ptr + b, t_next.to(t_in_ptr.dtype.element_ty), mask=has_next & (c == 0) & (pid_hw == 0))
 
@@ -353,6 +371,8 @@ def step_triton(
     draws_step_noise: bool = True,
     eps1: torch.Tensor | None = None,
     eps2: torch.Tensor | None = None,
+    x0_form: bool = False,
+    x0_prev: torch.Tensor | None = None,
     plane_offset: int = 0,
     block: int | None = None,
     num_warps: int | None = None,
@@ -362,7 +382,9 @@ def step_triton(
 
     With eps1/eps2 given (PAIRED_NOISE) the noises come from those tensors instead (parity tests), and the
     step noise is drawn iff eps2 is given. `plane_offset` shifts the noise's plane counter (a batch split
-    into launches keeps the draws of the whole batch with plane_offset = first batch index * C). Writes x, model_in[:, :C] and t_in as `step_torch` does.
+    into launches keeps the draws of the whole batch with plane_offset = first batch index * C). x0_form and
+    x0_prev as in `step_torch` (compile-time flags: the seed's tables run without the x0 work). Writes x,
+    model_in[:, :C] and t_in as `step_torch` does.
     """
     mi_sb, mi_sc, m_sb, m_sc = _check_common(x, model_in, t_in, mask, x_init)
     _check_state("eps_hat", eps_hat, x, (torch.float32, torch.float16, torch.bfloat16))
@@ -387,6 +409,10 @@ def step_triton(
             _check_device_scalar("seed", seed, x)
     if x_out is not None:
         _check_state("x_out", x_out, x)
+    if x0_prev is not None:
+        if not x0_form:
+            raise ValueError("x0_prev (the history of a multistep sampler) needs x0_form=True")
+        _check_state("x0_prev", x0_prev, x)
     B, C, H, W = x.shape
     _check_plane_offset(plane_offset, B * C, H * W)
     block, num_warps = _block_and_warps(H * W, block, num_warps)
@@ -396,9 +422,10 @@ def step_triton(
         model_in, mi_sb, mi_sc, t_in,
         mask if mask is not None else x, m_sb, m_sc,
         x_init if x_init is not None else x, x_out if x_out is not None else x,
-        eps1 if eps1 is not None else x, eps2 if eps2 is not None else x,
+        eps1 if eps1 is not None else x, eps2 if eps2 is not None else x, x0_prev if x0_prev is not None else x,
         C, H * W, T, plane_offset,
         HAS_MASK=mask is not None, HAS_NOISE=has_noise, PAIRED_NOISE=paired, HAS_OUT=x_out is not None,
+        HAS_X0=bool(x0_form), HAS_HIST=x0_prev is not None,
         BLOCK=block, FAST_MATH=not interpreting(), num_warps=num_warps, enable_fp_fusion=fp_fusion,
     )
     return x
@@ -534,8 +561,8 @@ def _compile(fn, pointers: dict, ints: dict, constexprs: dict, arch: int, num_wa
 
 
 def compile_step_kernel(arch: int = 90, *, model_dtype=torch.bfloat16, eps_dtype=torch.float16, has_mask=True,
-                        has_noise=True, paired_noise=False, has_out=True, block=1024, num_warps=4, ints=None,
-                        fast_math=True):
+                        has_noise=True, paired_noise=False, has_out=True, has_x0=False, has_hist=False, block=1024,
+                        num_warps=4, ints=None, fast_math=True):
     """triton.compile the step kernel for CUDA sm_<arch> without a GPU; returns the CompiledKernel (asm: ptx, cubin).
 
     `ints` overrides STEP_INTS: the integer arguments' values, specialised as the JIT would specialise them.
@@ -543,9 +570,9 @@ def compile_step_kernel(arch: int = 90, *, model_dtype=torch.bfloat16, eps_dtype
     pointers = {"x_ptr": "*fp32", "eps_hat_ptr": "*" + _TRITON_DTYPE[eps_dtype], "rows_ptr": "*fp32",
                 "step_ptr": "*i64", "seed_ptr": "*i64", "model_in_ptr": "*" + _TRITON_DTYPE[model_dtype],
                 "t_in_ptr": "*" + _TRITON_DTYPE[model_dtype], "mask_ptr": "*fp32", "x_init_ptr": "*fp32", "x_out_ptr": "*fp32",
-                "eps1_ptr": "*fp32", "eps2_ptr": "*fp32"}
+                "eps1_ptr": "*fp32", "eps2_ptr": "*fp32", "x0_prev_ptr": "*fp32"}
     constexprs = {"HAS_MASK": has_mask, "HAS_NOISE": has_noise, "PAIRED_NOISE": paired_noise, "HAS_OUT": has_out,
-                  "BLOCK": block, "FAST_MATH": fast_math}
+                  "HAS_X0": has_x0, "HAS_HIST": has_hist, "BLOCK": block, "FAST_MATH": fast_math}
     return _compile(_step_kernel, pointers, {**STEP_INTS, **(ints or {})}, constexprs, arch, num_warps)
 
 

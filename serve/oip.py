@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from .batcher import Job
+from .samplers import SAMPLERS
 
 HEADER_LENGTH = "inference-header-content-length"
 INPUTS = ("background", "mask", "x_init")
@@ -58,7 +59,7 @@ def model_metadata(engine, name: str) -> dict:
         "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, engine.c_out, -1, -1]}],
         "parameters": {"max_batch": engine.max_batch, "min_size": list(size[0]) if size else None,
                        "max_size": list(size[1]) if size else None,
-                       "request_parameters": {"timesteps": "int (default 300)", "sampler": "ddpm | ddim",
+                       "request_parameters": {"timesteps": "int (default 300)", "sampler": " | ".join(SAMPLERS),
                                               "seed": "int (default 0)", "t_start": "float (default 1.0)",
                                               "t_end": "float (default 0.0)", "eta": "float (default 0.0, ddim)",
                                               "binary_data_output": "bool (default false)",

@@ -34,6 +34,18 @@ def test_sample_writes_what_the_api_returns(tiny_engine_dir, arrays, tmp_path, c
     assert not list(tmp_path.glob(".*tmp"))  # the atomic write left no temporary file
 
 
+def test_sample_takes_the_multistep_samplers_and_the_log_snr_spacing(tiny_engine_dir, arrays, tmp_path):
+    out = tmp_path / "x.npy"
+    code = main(["sample", str(tiny_engine_dir), "--background", str(arrays["bg"]), "--timesteps", "5",
+                 "--sampler", "dpmpp-2m-sde", "--spacing", "logsnr", "--seed", "3", "-o", str(out)])
+    assert code == 0
+    want = load(tiny_engine_dir).sample(np.load(arrays["bg"]), timesteps=5, sampler="dpmpp-2m-sde", spacing="logsnr",
+                                        seed=3)
+    np.testing.assert_array_equal(np.load(out), want)
+    assert not np.array_equal(want, load(tiny_engine_dir).sample(np.load(arrays["bg"]), timesteps=5,
+                                                                 sampler="dpmpp-2m-sde", seed=3))
+
+
 def test_reconstruct_synthetic_tiles_writes_arrays_figures_and_a_summary(tiny_engine_dir, tmp_path, capsys):
     code = main(["reconstruct", str(tiny_engine_dir), "--synthetic", "2", "--size", "16", "--samples", "2",
                  "--timesteps", "3", "--t-start", "0.5", "--init", "background", "-o", str(tmp_path / "rec")])
@@ -78,6 +90,8 @@ def test_reconstruct_real_viirs_tiles_marks_land_as_nan(tiny_engine_dir, tmp_pat
         (["sample", "{engine}", "--background", "{bg}", "-o", "{tmp}/x.txt"], "--output must end in .npy"),
         (["sample", "{tmp}/no-engine", "--background", "{bg}", "-o", "{tmp}/x.npy"], "does not exist"),
         (["sample", "{engine}", "--background", "{corrupt}", "-o", "{tmp}/x.npy"], "not a readable .npy array"),
+        (["sample", "{engine}", "--background", "{bg}", "--sampler", "dpmpp-2m", "--timesteps", "2", "-o",
+          "{tmp}/x.npy"], "sampler 'dpmpp-2m' needs timesteps >= 3"),
         (["reconstruct", "{engine}", "--viirs", "{bg}", "-o", "{tmp}/r"], "--viirs needs --oisst"),
         (["reconstruct", "{engine}", "--synthetic", "0", "-o", "{tmp}/r"], "--synthetic must be >= 1"),
         (["reconstruct", "{engine}", "--synthetic", "1", "--size", "64", "-o", "{tmp}/r"],

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from ddpm_engine.engine import CosineSchedule, step_table
-from ddpm_engine.engine.samplers import COL_BLEND, COL_CE, COL_CX, COL_CZ, COL_RX, COL_RZ, COL_T
+from ddpm_engine.engine.samplers import (COL_AO, COL_AX, COL_B0, COL_BH, COL_BLEND, COL_CE, COL_CLIP, COL_CX, COL_CZ,
+                                         COL_RX, COL_RZ, COL_T, NUM_COLS, log_snr, time_grid)
 from seed_longhand import run_longhand, toy_model
 
 SCHED = CosineSchedule()
@@ -56,7 +57,10 @@ def test_tau_stops_blending_after_that_fraction_of_steps():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"sampler": "euler"}, r"unknown sampler 'euler'; must be one of \['ddpm', 'ddim'\]"),
+        ({"sampler": "euler"}, r"unknown sampler 'euler'; must be one of \['ddpm', 'ddim', 'dpmpp-2m', 'dpmpp-2m-sde'\]"),
+        ({"spacing": "karras"}, r"unknown spacing 'karras'; must be one of \['time', 'logsnr'\]"),
+        ({"sampler": "dpmpp-2m", "eta": 0.5}, "eta applies to the 'ddim' sampler only; 'dpmpp-2m' has none"),
+        ({"sampler": "dpmpp-2m-sde", "timesteps": 2}, r"sampler 'dpmpp-2m-sde' needs timesteps >= 3 \(its first"),
         ({"timesteps": 0}, "timesteps must be an integer >= 1"),
         ({"timesteps": 2.5}, "timesteps must be an integer >= 1"),
         ({"t_start": 1.5}, r"t_start must be a number in \[0, 1\]"),
@@ -75,7 +79,7 @@ def test_invalid_table_arguments_raise_naming_the_argument(kwargs, match):
 
 def run_table(table, x_T, noises, bg, mask, x_init):
     x = x_T
-    for i, (t, c_x, c_e, c_z, r_x, r_z, blend) in enumerate(table.rows.tolist()):
+    for i, (t, c_x, c_e, c_z, r_x, r_z, blend) in enumerate(table.rows[:, :7].tolist()):
         if mask is not None and blend:
             x = mask * x + (1 - mask) * (r_x * x_init + r_z * noises[i][0])
         eps_hat = toy_model(torch.cat([x, bg], 1), torch.full((x.shape[0],), t, dtype=torch.float32))
@@ -101,3 +105,44 @@ def test_table_reproduces_the_seed_updates_longhand(sampler, eta, T, masked, t_r
     got = run_table(table, x_T, noises, bg, mask, x_init)
     assert expected.abs().max() > 0.1
     torch.testing.assert_close(got, expected, rtol=0, atol=3e-6)  # float32 rows: measured at most 2.0e-6
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_seed_tables_leave_the_x0_columns_at_zero(sampler):
+    table = step_table(SCHED, sampler, 50, eta=0.3 if sampler == "ddim" else 0.0)
+    assert table.rows.shape == (50, NUM_COLS)
+    assert (table.rows[:, [COL_AX, COL_AO, COL_CLIP, COL_B0, COL_BH]] == 0).all()
+    assert not table.x0_form and not table.history
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp-2m", "dpmpp-2m-sde"])
+@pytest.mark.parametrize("spacing", ["time", "logsnr"])
+def test_dpmpp_rows_are_first_order_on_the_first_and_last_step_and_never_clip(sampler, spacing):
+    table = step_table(SCHED, sampler, 10, spacing=spacing)
+    assert table.x0_form and table.history and table.draws_step_noise == (sampler == "dpmpp-2m-sde")
+    b_h = table.rows[:, COL_BH]
+    assert b_h[0] == 0 and b_h[-1] == 0 and (b_h[1:-1] != 0).all()
+    assert (table.rows[:, COL_CLIP] == 0).all() and (table.rows[:, COL_CE] == 0).all()
+    # epsilon prediction: x0_hat = (x - sqrt(1 - a) o) / sqrt(a), with sqrt(a) = r_x and sqrt(1 - a) = r_z
+    r_x, r_z = table.rows[:, COL_RX].double(), table.rows[:, COL_RZ].double()
+    torch.testing.assert_close(table.rows[:, COL_AX].double(), 1 / r_x, rtol=2e-7, atol=0)
+    torch.testing.assert_close(table.rows[:, COL_AO].double(), -r_z / r_x, rtol=2e-7, atol=0)
+    assert table.rows[-1, COL_CZ] == 0  # the seed's rule: no step noise into t = 0
+
+
+def test_dpmpp_after_the_clamped_no_op_start_stays_first_order():
+    """At 300 steps t_0 and t_1 both clamp to abar = 1e-4: h_0 = 0, so step 1 has no slope to extrapolate."""
+    rows = step_table(SCHED, "dpmpp-2m", 300).rows
+    assert rows[0, COL_CX] == 1 and rows[0, COL_B0] == 0  # an exact no-op, as DDPM's first step
+    assert rows[1, COL_BH] == 0 and rows[2, COL_BH] != 0
+    assert torch.isfinite(rows).all()
+
+
+@pytest.mark.parametrize("t_range", [(1.0, 0.0), (0.5, 0.05)])
+def test_logsnr_spacing_makes_equal_log_snr_steps_between_the_end_points(t_range):
+    grid = time_grid(12, *t_range, spacing="logsnr", schedule=SCHED)
+    assert grid[0] == t_range[0] and grid[-1] == t_range[1] and (grid[1:] < grid[:-1]).all()
+    steps = log_snr(SCHED.alpha_cumprod(grid))[1:] - log_snr(SCHED.alpha_cumprod(grid))[:-1]
+    assert steps.max() - steps.min() < 1e-9 * steps.mean()
+    assert torch.equal(step_table(SCHED, "ddpm", 12, *t_range).rows[:, COL_T],
+                       torch.from_numpy(time_grid(12, *t_range)[:-1]).float())  # "time" stays the seed's linspace

@@ -35,6 +35,12 @@ SCRIPT = textwrap.dedent(r"""
         "unaligned": dict(ints=dict(mi_sb=2 * 90300, mi_sc=90300, m_sb=90300, m_sc=90300, HW=90300)),
         "large_offset": dict(ints=dict(mi_sb=2**31 + 2 * 90000, plane_offset=2**40)),
         "precise_math": dict(fast_math=False),
+        "x0_form_fp32": dict(model_dtype=torch.float32, eps_dtype=torch.float32, has_mask=False, has_noise=False,
+                             has_x0=True),
+        "dpmpp_2m_mask_bf16": dict(has_noise=False, has_x0=True, has_hist=True),
+        "dpmpp_2m_sde_three_channels": dict(has_x0=True, has_hist=True, ints=dict(C=3)),
+        "dpmpp_2m_unaligned": dict(has_x0=True, has_hist=True,
+                                   ints=dict(mi_sb=2 * 90300, mi_sc=90300, m_sb=90300, m_sc=90300, HW=90300)),
     }
     for name, kw in configs.items():
         ck = k.compile_step_kernel(90, **kw)
@@ -46,6 +52,7 @@ SCRIPT = textwrap.dedent(r"""
             fast_trig="sin.approx" in ptx and "cos.approx" in ptx, lines=len(ptx.splitlines()),
             loads_mask=step_args.index("mask_ptr") in loaded, loads_x_init=step_args.index("x_init_ptr") in loaded,
             loads_seed=step_args.index("seed_ptr") in loaded,
+            loads_x0_prev=step_args.index("x0_prev_ptr") in loaded,
         )
     for name, kw in {"initial_all": {}, "initial_plain_fp16": dict(model_dtype=torch.float16, has_mask=False,
                                                                     has_init=False)}.items():
@@ -113,3 +120,10 @@ def test_noise_uses_the_gpu_approximate_log_sin_cos(compiled):
 def test_aligned_tiles_get_128_bit_vector_accesses(compiled):
     assert compiled["ddim_plain_fp32"]["v4_loads"]
     assert compiled["ddpm_mask_bf16"]["v4_loads"]
+
+
+def test_x0_work_and_the_history_buffer_compile_only_where_flagged(compiled):
+    assert not any(compiled[name]["loads_x0_prev"] for name in ("ddpm_mask_bf16", "ddim_plain_fp32", "x0_form_fp32"))
+    assert compiled["dpmpp_2m_mask_bf16"]["loads_x0_prev"] and compiled["dpmpp_2m_sde_three_channels"]["loads_x0_prev"]
+    # the seed's step is the same code as before the x0 columns existed: the x0-form variant is longer
+    assert compiled["ddim_plain_fp32"]["lines"] < compiled["x0_form_fp32"]["lines"]

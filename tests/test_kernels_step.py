@@ -1,4 +1,4 @@
-"""Fused step: the Triton kernels equal the torch specification, and the specification equals the seed's loop.
+"""Fused step: the Triton kernels equal the torch specification (spec against the seed's loop: test_kernels_spec.py).
 
 On CPU the Triton kernels run in the interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA);
 on a GPU, paired-noise launches use fp_fusion=False so the kernel rounds exactly as torch's separate ops do.
@@ -6,8 +6,8 @@ on a GPU, paired-noise launches use fp_fusion=False so the kernel rounds exactly
 import pytest
 import torch
 
-from ddpm_engine.engine import CosineSchedule, reference_sample, step_table
-from ddpm_engine.engine.samplers import COL_T
+from ddpm_engine.engine import step_table
+from ddpm_engine.engine.samplers import COL_AO, COL_AX, COL_B0, COL_BH, COL_CLIP, COL_T, NUM_COLS
 from ddpm_engine.kernels import initial_torch, step_torch
 
 triton_kernels = pytest.importorskip("ddpm_engine.kernels.fused_step_triton")
@@ -182,7 +182,7 @@ def test_triton_initial_step_equals_torch(mask_kind, init, model_dtype):
     assert torch.equal(b["t_in"], rows[0, COL_T].expand(3))
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp-2m", "dpmpp-2m-sde"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_in_kernel_noise_is_the_philox_noise_of_its_phase(sampler, masked):
     """A runner-style loop (device step counter advanced by step.add_(1)) equals the spec fed philox_noise."""
@@ -200,15 +200,20 @@ def test_in_kernel_noise_is_the_philox_noise_of_its_phase(sampler, masked):
                    fp_fusion=False)
     assert_same(a, b)
     step = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    hist_a, hist_b = (torch.zeros(shape, device=DEVICE) if tab.history else None for _ in range(2))
     for i in range(5):
         eps_hat = torch.randn(shape, generator=g).to(DEVICE).bfloat16()
         eps2, eps1 = philox_noise(seed, i + 1, shape)
         step_torch(a["x"], eps_hat, tab.rows, i, eps2 if tab.draws_step_noise else None, eps1,
-                   model_in=a["model_in"], t_in=a["t_in"], mask=mask, x_init=a["x_init"])
+                   model_in=a["model_in"], t_in=a["t_in"], mask=mask, x_init=a["x_init"], x0_form=tab.x0_form,
+                   x0_prev=hist_a)
         step_triton(b["x"], eps_hat, tab.rows, step, seed, model_in=b["model_in"], t_in=b["t_in"], mask=mask,
-                    x_init=b["x_init"], draws_step_noise=tab.draws_step_noise, fp_fusion=False)
+                    x_init=b["x_init"], draws_step_noise=tab.draws_step_noise, x0_form=tab.x0_form, x0_prev=hist_b,
+                    fp_fusion=False)
         step.add_(1)
         assert_same(a, b)
+        if tab.history:
+            torch.testing.assert_close(hist_b, hist_a, rtol=0, atol=1e-6)
 
 
 def test_kernel_plane_counter_crosses_2_to_the_32_planes_in_int64():
@@ -252,89 +257,62 @@ def test_a_split_batch_with_plane_offset_draws_the_noise_of_the_whole_batch():
     assert torch.equal(whole["model_in"], half["model_in"])
 
 
-# ------------------------------------------------------------------------------------------------------
-# the torch specification against the seed's loop
+def x0_form_rows(g, n=4):
+    """A table whose every x0-form column is non-zero somewhere, clip on in some rows and off in others."""
+    rows = step_table(sampler="ddpm", timesteps=n).rows.clone()
+    for col, scale in ((COL_AX, 2.0), (COL_AO, 2.0), (COL_B0, 1.0), (COL_BH, 1.0)):
+        rows[:, col] = torch.randn(n, generator=g) * scale
+    rows[:, COL_CLIP] = torch.tensor([0.5, 0.0, 1.0, 0.0][:n])
+    assert rows.shape[1] == NUM_COLS
+    return rows.to(DEVICE)
 
 
-class StandInModel(torch.nn.Module):
-    """A real, deterministic eps predictor: x0_hat = tanh(fixed random 3x3 conv), eps = (x - sqrt(a) x0_hat) / sqrt(1 - a).
-
-    Predicting a bounded x0 keeps the sampled x in [-1, 1]-ish, so an absolute tolerance means something.
-    """
-
-    def __init__(self, c_in, c_out, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.c_out = c_out
-        self.conv = torch.nn.Conv2d(c_in, c_out, 3, padding=1)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 0.3)
-            self.conv.bias.copy_(torch.randn(self.conv.bias.shape, generator=g) * 0.1)
-
-    def forward(self, inp, t):
-        a = CosineSchedule().alpha_cumprod(t.double()).float().view(-1, 1, 1, 1)
-        x0_hat = torch.tanh(self.conv(inp))
-        return (inp[:, : self.c_out] - a.sqrt() * x0_hat) / (1 - a).sqrt()
-
-
-def spec_loop(model, background, shape, rows, draws_step_noise, generator, mask=None, x_init=None, init_image=None):
-    """initial_torch + T x step_torch, drawing the noise in the seed's order (x_T; per step eps1 then eps2)."""
-    Tn = rows.shape[0]
-    blends = [mask is not None and bool(rows[i, 6] != 0) for i in range(Tn)]
-    draw = lambda: torch.randn(shape, generator=generator)  # noqa: E731
-    eps0 = draw()
-    eps1_at = [None] * (Tn + 1)
-    eps2_at = [None] * Tn
-    for i in range(Tn):
-        if blends[i]:
-            eps1_at[i] = draw()
-        if draws_step_noise:
-            eps2_at[i] = draw()
-    B, C = shape[:2]
-    x = torch.empty(shape)
-    model_in = torch.empty(B, C + background.shape[1], *shape[2:])
-    model_in[:, C:] = background
-    t_in = torch.empty(B)
-    initial_torch(x, rows, eps0, eps1_at[0], model_in=model_in, t_in=t_in, mask=mask, x_init=x_init,
-                  init_image=init_image)
-    for i in range(Tn):
-        eps_hat = model(model_in, t_in)
-        step_torch(x, eps_hat, rows, i, eps2_at[i], eps1_at[i + 1], model_in=model_in, t_in=t_in, mask=mask,
-                   x_init=x_init)
-    return x
+@pytest.mark.parametrize("history", [False, True])
+@pytest.mark.parametrize("mask_kind", [None, "full"])
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_x0_form_step_equals_torch_in_every_column(history, mask_kind, model_dtype):
+    g = torch.Generator().manual_seed(21)
+    shape = (2, 2, 13, 17)
+    rows = x0_form_rows(g)
+    bufs = buffers(shape, model_dtype, g)
+    mask = make_mask(mask_kind, shape, g)
+    x0_prev = torch.randn(shape, generator=g).to(DEVICE)
+    for i in range(rows.shape[0]):
+        a, b = clone(bufs), clone(bufs)
+        hist_a, hist_b = (x0_prev.clone() if history else None for _ in range(2))
+        step_torch(a["x"], a["eps_hat"], rows, i, a["eps2"], a["eps1"], model_in=a["model_in"], t_in=a["t_in"],
+                   mask=mask, x_init=a["x_init"], x0_form=True, x0_prev=hist_a)
+        step_triton(b["x"], b["eps_hat"], rows, torch.tensor([i], device=DEVICE), None, model_in=b["model_in"],
+                    t_in=b["t_in"], mask=mask, x_init=b["x_init"], eps1=b["eps1"], eps2=b["eps2"], x0_form=True,
+                    x0_prev=hist_b, fp_fusion=False)
+        assert_same(a, b)
+        if history:
+            torch.testing.assert_close(hist_b, hist_a, rtol=0, atol=1e-6)
+            assert not torch.equal(hist_a, x0_prev)  # overwritten with this step's x0_hat
+        # the x0 columns changed the result: the same rows read as a seed table differ
+        c = clone(bufs)
+        step_torch(c["x"], c["eps_hat"], rows, i, c["eps2"], c["eps1"], model_in=c["model_in"], t_in=c["t_in"],
+                   mask=mask, x_init=c["x_init"])
+        assert not torch.equal(c["x"], a["x"])
 
 
-@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.5)])
-@pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("init", ["noise", "x_init"])
-def test_torch_spec_loop_equals_reference_sample(sampler, eta, masked, init):
-    shape = (2, 1, 12, 10)
-    g = torch.Generator().manual_seed(12)
-    background = torch.rand(shape, generator=g) * 2 - 1
-    x_init = torch.rand(shape, generator=g) * 2 - 1
-    mask = (torch.rand(1, 1, 12, 10, generator=g) > 0.4).float() if masked else None
-    model = StandInModel(2, 1)
-    Tn = 25
-    tab = step_table(sampler=sampler, timesteps=Tn, eta=eta, tau=0.8)
-    got = spec_loop(model, background, shape, tab.rows, tab.draws_step_noise, torch.Generator().manual_seed(99),
-                    mask=mask, x_init=x_init, init_image=x_init if init == "x_init" else None)
-    expected = reference_sample(model, background, shape, mask=mask, x_init=x_init, timesteps=Tn, sampler=sampler,
-                                eta=eta, tau=0.8, init=init, generator=torch.Generator().manual_seed(99))
-    # the spec's coefficients come from float64, the seed's loop computes them in float32: rounding only
-    assert expected.abs().max() < 10
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_torch_spec_loop_equals_reference_sample_over_the_default_300_steps(sampler):
-    shape = (1, 1, 8, 8)
-    g = torch.Generator().manual_seed(13)
-    background, x_init = torch.rand(shape, generator=g) * 2 - 1, torch.rand(shape, generator=g) * 2 - 1
-    mask = (torch.rand(1, 1, 8, 8, generator=g) > 0.4).float()
-    model = StandInModel(2, 1)
-    tab = step_table(sampler=sampler, timesteps=300)
-    got = spec_loop(model, background, shape, tab.rows, tab.draws_step_noise, torch.Generator().manual_seed(5),
-                    mask=mask, x_init=x_init)
-    expected = reference_sample(model, background, shape, mask=mask, x_init=x_init, timesteps=300, sampler=sampler,
-                                generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+def test_x0_form_clips_the_x0_prediction_where_the_row_says():
+    """With only b_0 = 1, x_next = clamp(a_x x + a_o o, -clip, clip): x0_hat itself, clipped on rows with clip > 0."""
+    g = torch.Generator().manual_seed(22)
+    shape = (1, 1, 9, 9)
+    rows = torch.zeros(2, NUM_COLS)
+    rows[:, COL_AX], rows[:, COL_AO], rows[:, COL_B0] = 3.0, -1.0, 1.0
+    rows[0, COL_CLIP] = 0.5
+    rows = rows.to(DEVICE)
+    bufs = buffers(shape, torch.float32, g)
+    x0 = 3.0 * bufs["x"] - bufs["eps_hat"]
+    assert x0.abs().max() > 0.5
+    for i, expected in ((0, x0.clamp(-0.5, 0.5)), (1, x0)):
+        for kernel in ("torch", "triton"):
+            a = clone(bufs)
+            if kernel == "torch":
+                step_torch(a["x"], a["eps_hat"], rows, i, model_in=a["model_in"], t_in=a["t_in"], x0_form=True)
+            else:
+                step_triton(a["x"], a["eps_hat"], rows, torch.tensor([i], device=DEVICE), None,
+                            model_in=a["model_in"], t_in=a["t_in"], draws_step_noise=False, x0_form=True)
+            torch.testing.assert_close(a["x"], expected, rtol=0, atol=1e-6)

@@ -33,7 +33,7 @@ def test_segments_give_each_block_the_result_of_its_own_call(engine):
     bg = np.concatenate([p[0] for p in parts])
     x_init = np.concatenate([p[2] for p in parts])
     mask = np.concatenate([np.broadcast_to(p[1], p[0].shape) for p in parts])
-    for sampler in ("ddpm", "ddim"):
+    for sampler in ("ddpm", "ddim", "dpmpp-2m", "dpmpp-2m-sde"):  # the 2M samplers' x0 history is per row
         together = engine.sample(bg, mask=mask, x_init=x_init, timesteps=6, sampler=sampler,
                                  segments=[(1, 5), (2, 7), (1, 9)])
         alone = [engine.sample(b, mask=m, x_init=x, timesteps=6, sampler=sampler, seed=s)

@@ -77,6 +77,9 @@ def resolve_model(model_or_name, scheduler=None) -> tuple[torch.nn.Module, str]:
         return load_torch_model(path), f"engine {path}"
     if diffusers_source.is_pipeline_dir(path):
         return diffusers_source.load_pipeline_dir(path), f"diffusers pipeline {path}"
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise EngineError(f"{path} is not a model directory: not an engine ({MANIFEST}), a ddpm-engine checkpoint "
+                          f"(config.json) or a diffusers pipeline ({diffusers_source.PIPELINE_INDEX})")
     try:
         from ddpm_engine.models import load_model
     except ImportError as exc:

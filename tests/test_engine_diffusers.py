@@ -302,3 +302,16 @@ def test_bad_sampling_calls_are_refused_by_name(ort_engine):
 
     with pytest.raises(EngineError, match="serving a diffusers engine is not supported yet"):
         Service(engine, "tiny")
+
+
+def test_the_schedule_is_part_of_the_cache_key_and_rebuilds_from_the_engine_keep_it(tmp_path, unet):
+    first = build(unet, tmp_path / "e", backend="torch", scheduler=diffusers.DDPMScheduler(), verify=False)
+    again = build(unet, tmp_path / "e", backend="torch", scheduler=diffusers.DDPMScheduler(), verify=False)
+    assert again.cached and not first.cached
+    v = build(unet, tmp_path / "e", backend="torch", scheduler=diffusers.DDPMScheduler(prediction_type="v_prediction"),
+              verify=False)
+    assert not v.cached and json.loads((tmp_path / "e" / "engine.json").read_text())["schedule"]["prediction_type"] \
+        == "v_prediction"
+    rebuilt = build(tmp_path / "e", tmp_path / "r", backend="torch", verify=False)  # from the kept weights
+    assert rebuilt.manifest["schedule"] == v.manifest["schedule"]
+    assert rebuilt.manifest["model"]["weights_sha256"] == v.manifest["model"]["weights_sha256"]

@@ -348,10 +348,12 @@ def unet_call_ms(fn, reps: int) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def diffusers_pipeline_rows(pipe_dir: str, batches: list[int], steps: list[int], repeats: int) -> int:
+def diffusers_pipeline_rows(pipe_dir: str, batches: list[int], steps: list[int], repeats: int,
+                            threads: int | None) -> int:
     """The diffusers row: DDPMPipeline/DDIMPipeline (eager U-Net, host scheduler) against engines built from the same
     saved pipeline, end to end (noise to decoded [0, 1] images), run interleaved; medians, U-Net FLOP efficiency,
-    and the parity of each engine with the pipeline given the same CPU generator."""
+    and the parity of each engine with the pipeline given the same CPU generator. --threads applies to all paths
+    (on a loaded 2-core machine a second torch thread made one eager U-Net call 10-25x slower)."""
     import diffusers
 
     from ddpm_engine.export.diffusers_source import load_pipeline_dir
@@ -368,7 +370,7 @@ def diffusers_pipeline_rows(pipe_dir: str, batches: list[int], steps: list[int],
         for backend in ("onnxruntime", "openvino", "torch"):
             t0 = time.perf_counter()
             build(pipe_dir, Path(work) / backend, backend=backend, precision="fp32", batch=(1, 1, max(batches)))
-            engines[f"engine {backend} fp32"] = load(Path(work) / backend)
+            engines[f"engine {backend} fp32"] = load(Path(work) / backend, threads=threads)
             print(f"# built {backend} in {time.perf_counter() - t0:.1f} s")
         for b in batches:
             flops = unet_flops(wrapped, b, size, wrapped.c_in)
@@ -453,7 +455,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.diffusers_pipeline:
-        return diffusers_pipeline_rows(args.diffusers_pipeline, batches, steps, args.repeats)
+        return diffusers_pipeline_rows(args.diffusers_pipeline, batches, steps, args.repeats, args.threads)
     if args.engines_only:
         args.compile = args.diffusers = False
 

@@ -315,3 +315,18 @@ def test_the_schedule_is_part_of_the_cache_key_and_rebuilds_from_the_engine_keep
     rebuilt = build(tmp_path / "e", tmp_path / "r", backend="torch", verify=False)  # from the kept weights
     assert rebuilt.manifest["schedule"] == v.manifest["schedule"]
     assert rebuilt.manifest["model"]["weights_sha256"] == v.manifest["model"]["weights_sha256"]
+
+
+def test_trained_betas_replace_the_beta_schedule_and_must_fit_num_train_timesteps():
+    from ddpm_engine.engine.diffusers_schedule import DiffusersSchedule
+
+    betas = np.linspace(1e-4, 0.03, 50) ** 1.1
+    theirs = diffusers.DDPMScheduler(num_train_timesteps=50, trained_betas=betas.tolist())
+    config = {k: v for k, v in dict(theirs.config).items() if not k.startswith("_")}
+    ours = DiffusersSchedule.from_config("DDPMScheduler", config)
+    assert DiffusersSchedule.from_dict(json.loads(json.dumps(ours.as_dict()))) == ours  # the manifest round trip
+    np.testing.assert_allclose(ours.schedule.alphas_cumprod, theirs.alphas_cumprod.double().numpy(), rtol=1e-6)
+    theirs.set_timesteps(5)
+    assert ours.table("ddpm", 5).rows[:, 0].long().tolist() == theirs.timesteps.tolist()
+    with pytest.raises(ValueError, match=r"trained_betas must be 60 \(num_train_timesteps\) values in \(0, 1\)"):
+        DiffusersSchedule.from_config("DDPMScheduler", {**config, "num_train_timesteps": 60})

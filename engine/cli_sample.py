@@ -126,6 +126,7 @@ def run_reconstruct(args) -> int:
     from .api import load
     from .reconstruct import directory_tiles, real_tiles, reconstruct, save_figure, synthetic_tiles
 
+    args.sampler = args.sampler or "ddpm"  # CARE-SST models: the seed's sampler (None means a diffusers model's own)
     if args.viirs and not args.oisst:
         raise ValueError("--viirs needs --oisst (one background tile per VIIRS tile)")
     if args.oisst and not args.viirs:

@@ -348,6 +348,62 @@ def unet_call_ms(fn, reps: int) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
+def diffusers_pipeline_rows(pipe_dir: str, batches: list[int], steps: list[int], repeats: int,
+                            threads: int | None) -> int:
+    """The diffusers row: DDPMPipeline/DDIMPipeline (eager U-Net, host scheduler) against engines built from the same
+    saved pipeline, end to end (noise to decoded [0, 1] images), run interleaved; medians, U-Net FLOP efficiency,
+    and the parity of each engine with the pipeline given the same CPU generator. --threads applies to all paths
+    (on a loaded 2-core machine a second torch thread made one eager U-Net call 10-25x slower)."""
+    import diffusers
+
+    from ddpm_engine.export.diffusers_source import load_pipeline_dir
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(pipe_dir)
+    pipe.set_progress_bar_config(disable=True)
+    wrapped = load_pipeline_dir(pipe_dir)
+    size = wrapped.default_size[0]
+    print(f"# {cpu_model_name()} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}); load average "
+          f"{[round(v, 2) for v in os.getloadavg()]}; {type(pipe).__name__} {pipe_dir}, {size}x{size}")
+    peak = matmul_gflops(torch.float32, 1024, torch.device("cpu"))
+    with tempfile.TemporaryDirectory() as work:
+        engines = {}
+        for backend in ("onnxruntime", "openvino", "torch"):
+            t0 = time.perf_counter()
+            build(pipe_dir, Path(work) / backend, backend=backend, precision="fp32", batch=(1, 1, max(batches)))
+            engines[f"engine {backend} fp32"] = load(Path(work) / backend, threads=threads)
+            print(f"# built {backend} in {time.perf_counter() - t0:.1f} s")
+        for b in batches:
+            flops = unet_flops(wrapped, b, size, wrapped.c_in)
+            for T in steps:
+                paths = {f"diffusers {type(pipe).__name__}": lambda g: torch.from_numpy(pipe(
+                    batch_size=b, num_inference_steps=T, generator=g, output_type="np").images).permute(0, 3, 1, 2)}
+                for name, engine in engines.items():
+                    paths[name] = lambda g, e=engine: (e.sample(batch_size=b, timesteps=T, generator=g) / 2
+                                                       + 0.5).clamp(0, 1)
+                outs = {name: fn(torch.Generator().manual_seed(0)) for name, fn in paths.items()}  # warm-up + parity
+                times = {name: [] for name in paths}
+                for r in range(repeats):
+                    for name in list(paths)[r % len(paths):] + list(paths)[:r % len(paths)]:
+                        t0 = time.perf_counter()
+                        paths[name](torch.Generator().manual_seed(0))
+                        times[name].append(time.perf_counter() - t0)
+                base = statistics.median(times[next(iter(paths))])
+                print(f"\nB={b} T={T}: U-Net {flops / 1e6:.1f} MFLOP per call; fp32 matmul peak {peak:.0f} GFLOP/s")
+                print(f"{'path':32} {'median s':>9} {'spread':>7} {'x diffusers':>11} {'GFLOP/s':>8} {'% peak':>7} "
+                      f"{'max|d| vs diffusers':>19}")
+                for name, ts in times.items():
+                    med = statistics.median(ts)
+                    gfs = flops * T / med / 1e9
+                    diff = (outs[name] - outs[next(iter(paths))]).abs().max().item()
+                    print(f"{name:32} {med:9.3f} {(max(ts) - min(ts)) / med:7.2f} {base / med:11.2f} {gfs:8.2f} "
+                          f"{100 * gfs / peak:7.2f} {diff:19.2e}")
+                    print("JSON " + json.dumps({"kind": "diffusers", "path": name, "batch": b, "steps": T,
+                                                "median_s": med, "speedup": base / med, "gflops": gfs,
+                                                "max_abs_diff": diff}))
+    print(f"# load average at end {[round(v, 2) for v in os.getloadavg()]}")
+    return 0
+
+
 def fmt_s(s: float) -> str:
     return f"{s:.3f}" if s < 100 else f"{s:.1f}"
 
@@ -383,6 +439,9 @@ def main(argv=None) -> int:
                    help="write a PNG of throughput vs batch per path (default path benchmarks/bench_sample.png)")
     p.add_argument("--workdir", default=None, help="build engines here (default: a temporary directory, removed)")
     p.add_argument("--markdown", action="store_true", help="also print the tables as Markdown (for RESULTS.md)")
+    p.add_argument("--diffusers-pipeline", default=None, metavar="DIR",
+                   help="instead of CARE-SST: a saved diffusers DDPM/DDIM pipeline, timed as DDPMPipeline/DDIMPipeline "
+                        "against the engine built from it (same model, --steps, --batch, sampler of its scheduler)")
     p.add_argument("--from-log", default=None, metavar="FILE",
                    help="run nothing: read the JSON lines of an earlier run's output and print its Markdown tables "
                         "(and --plot)")
@@ -395,6 +454,8 @@ def main(argv=None) -> int:
         p.error("batch sizes, steps and repeats must be >= 1 and --size >= 8")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.diffusers_pipeline:
+        return diffusers_pipeline_rows(args.diffusers_pipeline, batches, steps, args.repeats, args.threads)
     if args.engines_only:
         args.compile = args.diffusers = False
 

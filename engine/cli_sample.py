@@ -20,9 +20,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step", choices=STEP_IMPLS, default=None,
                    help="fused-step implementation (default: triton on CUDA, torch on CPU)")
     p.add_argument("--timesteps", type=int, default=100, help="number of sampling steps T")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="DDPM (Ho et al. 2020), DDIM (Song et al. 2021), or DPM-Solver++(2M) and its SDE variant "
-                   "(Lu et al. 2022; at least 3 steps)")
+                   "(Lu et al. 2022; at least 3 steps); default ddpm, or a diffusers model's saved scheduler's")
     p.add_argument("--spacing", choices=SPACINGS, default="time",
                    help="time grid: uniform in t (the seed's) or uniform in log-SNR")
     p.add_argument("--seed", type=int, default=0, help="noise seed (same seed, backend and batch: same result)")
@@ -36,7 +36,13 @@ def register(subparsers) -> None:
         description="Run the sampling loop on an engine directory. Arrays are float .npy files shaped [B, C, H, W] "
         "(or [C, H, W] for one image); the result is written as [B, C_out, H, W] float32 .npy.")
     _engine_args(s)
-    s.add_argument("--background", required=True, metavar="NPY", help="conditioning image [B, C_bg, H, W]")
+    s.add_argument("--background", metavar="NPY",
+                   help="conditioning image [B, C_bg, H, W] (required unless the model takes none)")
+    s.add_argument("--batch-size", type=int, default=None,
+                   help="samples to draw, for a model without a background (default 1, or x_init's batch)")
+    s.add_argument("--height", type=int, default=None, help="image height for a model without a background "
+                   "(default: the engine's OPT size)")
+    s.add_argument("--width", type=int, default=None, help="image width, as --height")
     s.add_argument("--mask", metavar="NPY", help="inpainting mask, 1 = generate, 0 = keep x_init [1|B, 1|C, H, W]")
     s.add_argument("--x-init", metavar="NPY", help="known image [B, C, H, W] (required with --mask)")
     s.add_argument("--t-start", type=float, default=1.0, help="start time in [0, 1]")
@@ -46,6 +52,8 @@ def register(subparsers) -> None:
     s.add_argument("--init", choices=("noise", "background", "x_init"), default="noise",
                    help="start from pure noise, or from the background / x_init diffused to --t-start")
     s.add_argument("-o", "--output", required=True, metavar="NPY", help="where to write the samples")
+    s.add_argument("--png", metavar="PNG", help="also write a grid of the samples as a PNG ((x / 2 + 0.5) clamped to "
+                   "[0, 1], as diffusers decodes them; 1 or 3 channels)")
     s.set_defaults(func=run_sample)
 
     r = subparsers.add_parser(
@@ -93,14 +101,23 @@ def run_sample(args) -> int:
     out = Path(args.output)
     if out.suffix != ".npy":
         raise ValueError(f"--output must end in .npy, got {out}")
+    if args.png and Path(args.png).suffix != ".png":
+        raise ValueError(f"--png must end in .png, got {args.png}")
     engine = load(args.engine, backend=args.backend, step=args.step)
+    shape = {"batch_size": args.batch_size, "height": args.height, "width": args.width}
     start = time.perf_counter()
     x = engine.sample(arrays["background"], mask=arrays["mask"], x_init=arrays["x-init"], timesteps=args.timesteps,
                       sampler=args.sampler, t_start=args.t_start, t_end=args.t_end, seed=args.seed, eta=args.eta,
-                      tau=args.tau, init=args.init, spacing=args.spacing)
+                      tau=args.tau, init=args.init, spacing=args.spacing,
+                      **{k: v for k, v in shape.items() if v is not None})
     seconds = time.perf_counter() - start
+    x = np.asarray(x)  # numpy in gives numpy out; a model without a background returns a tensor
     _save_npy(out, x)
-    print(f"wrote {out} {list(x.shape)} in {seconds:.2f} s ({1000 * seconds / args.timesteps:.1f} ms/step, "
+    if args.png:
+        from .image_grid import save_png_grid
+
+        save_png_grid(x, args.png)
+    print(f"wrote {out}{' and ' + args.png if args.png else ''} {list(x.shape)} in {seconds:.2f} s ({1000 * seconds / args.timesteps:.1f} ms/step, "
           f"backend {engine.backend})")
     return 0
 
@@ -109,6 +126,7 @@ def run_reconstruct(args) -> int:
     from .api import load
     from .reconstruct import directory_tiles, real_tiles, reconstruct, save_figure, synthetic_tiles
 
+    args.sampler = args.sampler or "ddpm"  # CARE-SST models: the seed's sampler (None means a diffusers model's own)
     if args.viirs and not args.oisst:
         raise ValueError("--viirs needs --oisst (one background tile per VIIRS tile)")
     if args.oisst and not args.viirs:

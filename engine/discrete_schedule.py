@@ -29,11 +29,18 @@ class DiscreteSchedule:
     timestep_spacing: str = "leading"
     steps_offset: int = 0
     set_alpha_to_one: bool = True  # DDIM's last step goes to abar = 1 (else to alphas_cumprod[0])
+    trained_betas: tuple[float, ...] | None = None  # given betas replace beta_start, beta_end and beta_schedule
 
     def __post_init__(self):
         if isinstance(self.num_train_timesteps, bool) or not isinstance(self.num_train_timesteps, int) \
                 or self.num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be an integer >= 2, got {self.num_train_timesteps!r}")
+        if self.trained_betas is not None:
+            betas = np.asarray(self.trained_betas, dtype=np.float64)
+            # diffusers spaces the timesteps by num_train_timesteps but indexes the betas: they must agree
+            if betas.shape != (self.num_train_timesteps,) or not np.all((betas > 0) & (betas < 1)):
+                raise ValueError(f"trained_betas must be {self.num_train_timesteps} (num_train_timesteps) values in "
+                                 f"(0, 1), got {betas.size} values in [{betas.min():.3g}, {betas.max():.3g}]")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"unknown beta_schedule {self.beta_schedule!r}; must be one of {list(BETA_SCHEDULES)}")
         if self.timestep_spacing not in TIMESTEP_SPACINGS:
@@ -48,6 +55,8 @@ class DiscreteSchedule:
     def betas(self) -> np.ndarray:
         """beta_t, float64: linear (Ho et al. 2020), scaled_linear or squaredcos_cap_v2 (Nichol & Dhariwal 2021)."""
         n = self.num_train_timesteps
+        if self.trained_betas is not None:
+            return np.asarray(self.trained_betas, dtype=np.float64)
         if self.beta_schedule == "linear":
             return np.linspace(self.beta_start, self.beta_end, n, dtype=np.float64)
         if self.beta_schedule == "scaled_linear":
@@ -104,11 +113,18 @@ class DiscreteSchedule:
         return ts
 
 
-def _ddpm(a, a_next, ts, prediction):
-    """diffusers' DDPMScheduler.step: posterior mean (Ho et al. 2020, eq. 7) on the clipped x0, sigma^2 = beta tilde."""
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")  # DDPM's sigma^2: beta tilde, the same, beta
+
+
+def _ddpm(a, a_next, ts, prediction, variance_type):
+    """diffusers' DDPMScheduler.step: posterior mean (Ho et al. 2020, eq. 7) on the clipped x0, sigma^2 = beta tilde
+    (fixed_small, and fixed_small_log: exp(log(var) / 2) is its square root) or beta (fixed_large, sec. 3.2)."""
+    if variance_type not in VARIANCE_TYPES:
+        raise ValueError(f"unsupported variance_type {variance_type!r}; must be one of {list(VARIANCE_TYPES)}")
     a_x, a_o = x0_coefficients(a, prediction)
     beta = 1.0 - a / a_next
-    var = np.maximum((1.0 - a_next) / (1.0 - a) * beta, 1e-20)
+    # diffusers clamps beta tilde at 1e-20 (it takes logs of it) but not beta
+    var = beta if variance_type == "fixed_large" else np.maximum((1.0 - a_next) / (1.0 - a) * beta, 1e-20)
     return {COL_AX: a_x, COL_AO: a_o, COL_B0: np.sqrt(a_next) * beta / (1.0 - a),
             COL_CX: np.sqrt(a / a_next) * (1.0 - a_next) / (1.0 - a), COL_CZ: np.where(ts > 0, np.sqrt(var), 0.0)}
 
@@ -129,7 +145,7 @@ def _ddim(a, a_next, prediction, eta):
 
 def discrete_step_table(schedule: DiscreteSchedule, sampler: str = "ddpm", timesteps: int = 50,
                         prediction_type: str = "epsilon", clip: float = 0.0, eta: float = 0.0,
-                        tau: float = 1.0) -> StepTable:
+                        tau: float = 1.0, variance_type: str = "fixed_small") -> StepTable:
     """x0-form rows reproducing diffusers' DDPMScheduler, DDIMScheduler or DPMSolverMultistepScheduler step for step.
 
     clip > 0 is diffusers' clip_sample with clip_sample_range = clip (DDPM, DDIM; DPM-Solver++ never clips).
@@ -150,7 +166,7 @@ def discrete_step_table(schedule: DiscreteSchedule, sampler: str = "ddpm", times
     else:
         a_next = np.append(a[1:], 1.0)  # the next timestep of the list, then the clean end
         if sampler == "ddpm":
-            columns = _ddpm(a, a_next, ts, prediction_type)
+            columns = _ddpm(a, a_next, ts, prediction_type, variance_type)
         else:
             columns = dpmpp_2m(a, a_next, sde=sampler == "dpmpp-2m-sde")
             columns[COL_AX], columns[COL_AO] = x0_coefficients(a, prediction_type)
@@ -159,4 +175,6 @@ def discrete_step_table(schedule: DiscreteSchedule, sampler: str = "ddpm", times
     rows = assemble(ts.astype(np.float64), a, blend, columns)
     return StepTable(rows=rows, sampler=sampler, timesteps=len(ts), t_start=float(ts[0]), t_end=-1.0, eta=float(eta),
                      draws_step_noise=sampler in ("ddpm", "dpmpp-2m-sde") or eta > 0.0, t_final=-1.0,
+                     # DDPMScheduler draws its noise only where t > 0: not at a last step to t = 0
+                     last_step_draws=sampler != "ddpm" or bool(ts[-1] > 0),
                      spacing=schedule.timestep_spacing, **table_flags(rows))

@@ -186,7 +186,7 @@ class Runner:
                           mask=mask if blends[0] else None, x_init=x_init, init_image=init_img)
         for i in range(T):
             bufs.run_unet()
-            eps2 = _randn(eps_a, gen) if table.draws_step_noise else None
+            eps2 = _randn(eps_a, gen) if table.draws_step_noise and (i + 1 < T or table.last_step_draws) else None
             blend_next = i + 1 < T and blends[i + 1]
             eps1 = _randn(eps_b, gen) if blend_next else None
             x_out = intermediates[i // every] if intermediates is not None and (i + 1) % every == 0 else None

@@ -39,6 +39,7 @@ class StepTable:
     x0_form: bool = False  # some row uses x0_hat (a_x, a_o, b_0 or b_h != 0): the kernel computes it
     history: bool = False  # some row has b_h != 0: the kernel reads and writes the x0_prev buffer
     spacing: str = "time"
+    last_step_draws: bool = True  # eps2 drawn at the last step too: the seed's always, diffusers' DDPM not at t = 0
 
     def to(self, device) -> "StepTable":
         """The same table with its rows on `device` (the kernel reads them from device memory)."""

@@ -16,6 +16,7 @@ from .engine_dir import check_engine_dir, hash_files, verify_files
 from .staging import clean_stale_staging, staging_dir
 from .manifest import (BACKENDS, FORMAT, FORMAT_VERSION, gpu_info, library_versions, read_manifest, sha256_json,
                        write_manifest)
+from .diffusers_source import ARCH as DIFFUSERS_ARCH
 from .model_source import describe_model, resolve_model, save_model_checkpoint
 from .onnx_export import (DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, TOLERANCES, default_cases, export_onnx, save_onnx,
                           verify_onnx)
@@ -24,6 +25,7 @@ from .profile import Profile, parse_batch, parse_size
 from .tensorrt_build import TensorRTSettings, plan_tolerance, tensorrt_status
 
 ONNX_NAME = "model.onnx"
+DEFAULT_SIZE = ((32, 32), (300, 300), (320, 320))  # CARE-SST tiles; a diffusers model defaults to its sample_size
 # Bump when a change in this package changes what a build writes: old caches then stop matching.
 BUILDER_VERSION = 1
 _LIB_OF = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt", "torch": "torch"}
@@ -221,7 +223,7 @@ def build(
     backend: str = "auto",
     precision: str = "auto",
     batch=(1, 1, 8),
-    size=((32, 32), (300, 300), (320, 320)),
+    size=None,
     *,
     io_precision: str = "fp32",
     opset: int = DEFAULT_OPSET,
@@ -237,12 +239,15 @@ def build(
     force: bool = False,
     simplify: bool = False,
     progress: Progress | None = None,
+    scheduler=None,
 ) -> BuildResult:
     """Build an engine directory for one backend and precision; reuse everything a previous identical build made.
 
     model_or_name: an nn.Module (model(sample [B, c_in, H, W], timestep [B]) -> eps [B, c_out, H, W]), a bundled
-    preset name, a checkpoint directory, a CARE-SST .pth, or an engine directory (rebuild from its kept weights).
-    batch: (min, opt, max) or "MIN:OPT:MAX"; size: (h, w), ((h, w) min, opt, max) or "HxW[:HxW:HxW]".
+    preset name, a checkpoint directory, a CARE-SST .pth, an engine directory (rebuild from its kept weights), a
+    diffusers pipeline directory, or a diffusers UNet2DModel with `scheduler=` its DDPMScheduler / DDIMScheduler.
+    batch: (min, opt, max) or "MIN:OPT:MAX"; size: (h, w), ((h, w) min, opt, max) or "HxW[:HxW:HxW]" (default: the
+    CARE-SST tiles, 32x32:300x300:320x320, or a diffusers U-Net's sample_size).
     precision: "fp32", "fp16", "bf16", or "auto" (see resolve_precision).
     io_precision: "fp32" keeps fp32 I/O for reduced-precision graphs; "fp16"/"bf16" (= precision) reduces it.
     simplify: run onnxslim on the exported graph, kept only if it removes nodes and ONNX Runtime is not slower.
@@ -258,14 +263,16 @@ def build(
         raise ValueError(f"io_precision must be 'fp32' or the engine precision {precision!r}, got {io_precision!r}")
     out_dir = Path(out_dir)
     stages = _Stages(progress)
-    model, source = stages.run("load model", resolve_model, model_or_name)
+    model, source = stages.run("load model", resolve_model, model_or_name, scheduler)
     if backend == "openvino" and precision == "fp16":
         raise ValueError("the openvino backend builds fp32 or bf16 on CPU; use --backend onnxruntime or tensorrt for fp16")
     if io_precision != "fp32" and backend in ("openvino", "torch"):
         raise ValueError(f"reduced-precision I/O is for the onnxruntime and tensorrt graphs; the {backend} backend "
                          "keeps fp32 I/O (drop --io-precision)")
-    batch, sizes = parse_batch(batch), parse_size(size)
-    profile = Profile(batch, sizes, dynamic_hw)
+    batch, sizes = parse_batch(batch), parse_size(DEFAULT_SIZE if size is None else size)
+    if size is None and hasattr(model, "default_size"):
+        sizes = (model.default_size,) * 3  # a diffusers U-Net's sample_size
+    profile = Profile(batch, sizes, dynamic_hw, getattr(model, "size_multiple", 1))
     trt_settings = TensorRTSettings(builder_optimization_level, workspace_bytes, refit, hardware_compatibility, tf32)
     if backend == "tensorrt":
         from .tensorrt_build import require_tensorrt
@@ -326,7 +333,7 @@ def build(
                      "simplified": getattr(info, "simplified", None)}
             if verify:
                 prof = profile if info.dynamic_hw else profile.static_at(profile.opt_size)
-                cases = default_cases(prof.batch, prof.sizes, info.dynamic_hw)
+                cases = default_cases(prof.batch, prof.sizes, info.dynamic_hw, prof.multiple)
                 entry["verification"] = verify_onnx(stage / ONNX_NAME, model, cases, precision="fp32",
                                                     tolerance=tolerance).as_dict()
             return entry
@@ -355,7 +362,7 @@ def build(
                                                                     if o.domain in ("", "ai.onnx")),
                          "kept_fp32": "norms, softmax, reductions, pow/sqrt/exp, timestep embedding"}
                 if verify and runtime:
-                    cases = default_cases(profile.batch, profile.sizes, profile.dynamic_hw)
+                    cases = default_cases(profile.batch, profile.sizes, profile.dynamic_hw, profile.multiple)
                     entry["verification"] = verify_onnx(stage / entry["path"], model, cases, precision=precision,
                                                         runtime=runtime, tolerance=tolerance,
                                                         fp32_graph=stage / ONNX_NAME).as_dict()
@@ -419,6 +426,8 @@ def build(
                       "machine": platform.machine(), "stages": stages.done},
             "cache_key": keys["cache_key"],
         }
+        if desc["arch"] == DIFFUSERS_ARCH:  # the sampling settings of its scheduler (engine.diffusers_schedule)
+            manifest["schedule"] = desc["config"]["schedule"]
         # engine.json is the last file written: a staging dir without it never becomes an engine.
         write_manifest(stage, manifest)
     return BuildResult(out_dir, manifest, False, stages.done)
@@ -429,7 +438,7 @@ def _openvino_stage(stage: Path, model, profile: Profile, precision: str, verify
 
     entry = build_openvino_ir(stage / ONNX_NAME, stage, precision)
     if verify:
-        cases = default_cases(profile.batch, profile.sizes, profile.dynamic_hw)
+        cases = default_cases(profile.batch, profile.sizes, profile.dynamic_hw, profile.multiple)
         entry["verification"] = verify_onnx(stage / entry["path"], model, cases, precision=precision,
                                             runtime="openvino", openvino_hint=entry["inference_precision_hint"],
                                             tolerance=tolerance).as_dict()
@@ -449,7 +458,7 @@ def _tensorrt_stage(stage: Path, old_dir: Path | None, model, graph: str, profil
                                 report=lambda msg: stages.note(f"  TensorRT: {msg}"))
     entry["precision"] = precision
     if verify:
-        cases = default_cases(profile.batch, profile.sizes, profile.dynamic_hw)
+        cases = default_cases(profile.batch, profile.sizes, profile.dynamic_hw, profile.multiple)
         entry["verification"] = verify_plan(stage / entry["path"], model, cases, precision=precision,
                                             tf32=settings.tf32, tolerance=tolerance)
     return entry

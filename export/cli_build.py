@@ -15,8 +15,9 @@ def register(subparsers) -> None:
         "hit and returns at once; a failed or interrupted build leaves the previous engine untouched.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", nargs="?", metavar="MODEL",
-                   help="bundled preset (e.g. sst-small), checkpoint directory, CARE-SST .pth, or an engine directory "
-                   "(rebuild from its kept weights); omit with --arch")
+                   help="bundled preset (e.g. sst-small), checkpoint directory, CARE-SST .pth, a diffusers pipeline "
+                   "directory (model_index.json, unet/ UNet2DModel, scheduler/ DDPM or DDIM; needs diffusers), or "
+                   "an engine directory (rebuild from its kept weights); omit with --arch")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="engine directory to write")
     p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "openvino", "torch"],
                    help="auto: tensorrt with TensorRT + an NVIDIA GPU, else openvino on x86 CPUs, else onnxruntime")
@@ -26,8 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("--io-precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="dtype of sample/timestep/eps for reduced-precision graphs (fp32 or the --precision)")
     p.add_argument("--batch", default="1:1:8", metavar="MIN:OPT:MAX", help="batch profile (or a single N)")
-    p.add_argument("--size", default="32x32:300x300:320x320", metavar="HxW[:HxW:HxW]",
-                   help="image size profile: one size, or MIN:OPT:MAX sizes (OPT is the traced/tuned size)")
+    p.add_argument("--size", default=None, metavar="HxW[:HxW:HxW]",
+                   help="image size profile: one size, or MIN:OPT:MAX sizes (OPT is the traced/tuned size); default "
+                   "32x32:300x300:320x320, or a diffusers U-Net's sample_size")
     p.add_argument("--arch", metavar="ARCH[:k=v,...]",
                    help="build an untrained model of this architecture instead of MODEL, e.g. care-sst:dim=16,embed_dim=64 "
                    "(for benchmarks at the real size without weights)")

@@ -21,7 +21,7 @@ def _verify_derived(directory: Path, tmp: Path, entry: dict, profile: Profile, p
     from .model_source import load_torch_model
 
     model = load_torch_model(directory)
-    case = default_cases(profile.batch, profile.sizes, profile.dynamic_hw)[-1:]
+    case = default_cases(profile.batch, profile.sizes, profile.dynamic_hw, profile.multiple)[-1:]
     if backend == "tensorrt":
         from .tensorrt_build import verify_plan
 

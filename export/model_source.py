@@ -35,6 +35,8 @@ def model_config(model: torch.nn.Module) -> dict:
 
 def model_arch(model: torch.nn.Module) -> str:
     """The registry name of the model's class (e.g. 'care-sst'), else 'python:module:Class'."""
+    if isinstance(getattr(model, "ARCH", None), str):  # a wrapper that names its own kind (diffusers:UNet2DModel)
+        return model.ARCH
     try:
         from ddpm_engine.models import ARCHITECTURES
 
@@ -57,17 +59,30 @@ def describe_model(model: torch.nn.Module, source: str | None = None) -> dict:
             "source": source, "checkpoint": MODEL_DIR}
 
 
-def resolve_model(model_or_name) -> tuple[torch.nn.Module, str]:
-    """(model in eval mode on CPU, a description of its source) from a module, a bundled preset name, a
-    checkpoint directory, a CARE-SST .pth, or an existing engine directory (its kept weights)."""
+def resolve_model(model_or_name, scheduler=None) -> tuple[torch.nn.Module, str]:
+    """(model in eval mode on CPU, a description of its source) from a module (a diffusers UNet2DModel with its
+    `scheduler`), a bundled preset name, a checkpoint directory, a CARE-SST .pth, a diffusers pipeline directory,
+    or an existing engine directory (its kept weights)."""
+    from . import diffusers_source
+
+    if scheduler is not None and not diffusers_source.is_diffusers_module(model_or_name):
+        raise EngineError("scheduler= is for a diffusers UNet2DModel; this model's schedule is the seed's")
     if isinstance(model_or_name, torch.nn.Module):
         from .onnx_export import export_copy
 
+        if diffusers_source.is_diffusers_module(model_or_name):
+            return (diffusers_source.wrap_unet(export_copy(model_or_name), scheduler),
+                    f"diffusers {type(model_or_name).__name__}")
         return export_copy(model_or_name), f"module {type(model_or_name).__name__}"
     name = str(model_or_name)
     path = Path(name)
     if path.is_dir() and (path / MANIFEST).is_file():
         return load_torch_model(path), f"engine {path}"
+    if diffusers_source.is_pipeline_dir(path):
+        return diffusers_source.load_pipeline_dir(path), f"diffusers pipeline {path}"
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise EngineError(f"{path} is not a model directory: not an engine ({MANIFEST}), a ddpm-engine checkpoint "
+                          f"(config.json) or a diffusers pipeline ({diffusers_source.PIPELINE_INDEX})")
     try:
         from ddpm_engine.models import load_model
     except ImportError as exc:
@@ -89,6 +104,8 @@ def load_torch_model(engine_dir: str | Path) -> torch.nn.Module:
     """The PyTorch model kept in an engine directory (eval, CPU), for the torch backend and rebuilds."""
     from ddpm_engine.models.checkpoint import read_checkpoint
 
+    from . import diffusers_source
+
     directory = Path(engine_dir) / MODEL_DIR
     try:
         config, state = read_checkpoint(directory)
@@ -96,6 +113,8 @@ def load_torch_model(engine_dir: str | Path) -> torch.nn.Module:
         raise EngineFileError(f"{engine_dir}: kept PyTorch model is missing or damaged ({exc}); rebuild the engine "
                               "from the original model") from None
     arch = config["arch"]
+    if arch == diffusers_source.ARCH:
+        return diffusers_source.load_kept(config["model"], state)
     if arch.startswith(_PY_ARCH):
         module, _, qualname = arch[len(_PY_ARCH):].partition(":")
         try:

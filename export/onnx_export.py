@@ -99,7 +99,8 @@ def model_channels(model: torch.nn.Module) -> tuple[int, int]:
 def _example(model, batch: int, hw: tuple[int, int], seed: int = 0):
     c_in, _ = model_channels(model)
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, c_in, *hw, generator=g), torch.rand(batch, generator=g)
+    # Times in [0, max_timestep): the seed's continuous t in [0, 1), a diffusers model's integer timestep range.
+    return torch.randn(batch, c_in, *hw, generator=g), torch.rand(batch, generator=g) * getattr(model, "max_timestep", 1.0)
 
 
 def _torch_export(model, args, path: Path, opset: int, dynamic_hw: bool) -> None:
@@ -204,14 +205,17 @@ def export_onnx(
                       external_data=len(files) > 1, note=note)
 
 
-def default_cases(batch: tuple[int, int, int], sizes: tuple, dynamic_hw: bool) -> list[tuple[int, int, int]]:
-    """(batch, H, W) cases: min batch at the opt size, then odd sizes at other batches, within the profile."""
+def default_cases(batch: tuple[int, int, int], sizes: tuple, dynamic_hw: bool,
+                  multiple: int = 1) -> list[tuple[int, int, int]]:
+    """(batch, H, W) cases: min batch at the opt size, then odd sizes (rounded up to `multiple`) at other batches,
+    within the profile."""
     (b_min, b_opt, b_max) = batch
     (h_min, w_min), (h_opt, w_opt), (h_max, w_max) = sizes
     cases = [(b_min, h_opt, w_opt)]
     if dynamic_hw:
         odd_batches = [min(b_max, max(b_min, 3)), min(b_max, max(b_min, 2))]
-        for b, (h, w) in zip(odd_batches, ODD_SIZES):
+        for b, (h, w) in zip(odd_batches, ((-(-h // multiple) * multiple, -(-w // multiple) * multiple)
+                                           for h, w in ODD_SIZES)):
             h, w = min(max(h, h_min), h_max), min(max(w, w_min), w_max)
             cases.append((b, h, w))
     elif b_max != b_min:

@@ -13,6 +13,7 @@ class Profile:
     batch: tuple[int, int, int] = (1, 1, 8)
     sizes: tuple[HW, HW, HW] = ((64, 64), (64, 64), (64, 64))
     dynamic_hw: bool = True  # False: the ONNX graph is static in H/W (sizes must then be all equal)
+    multiple: int = 1  # H and W must be multiples of this (a U-Net that halves them k times needs 2^k)
 
     def __post_init__(self):
         b = tuple(int(v) for v in self.batch)
@@ -25,6 +26,10 @@ class Profile:
             if not s[0][i] <= s[1][i] <= s[2][i]:
                 raise ValueError(f"size must satisfy MIN <= OPT <= MAX in both H and W, got "
                                  f"{':'.join(f'{h}x{w}' for h, w in s)}")
+        bad = [f"{h}x{w}" for h, w in s if h % self.multiple or w % self.multiple]
+        if bad:
+            raise ValueError(f"size {bad[0]} is not a multiple of {self.multiple} in H and W, which this U-Net needs "
+                             "(it halves them in its down blocks and concatenates skips of equal size)")
         object.__setattr__(self, "batch", b)
         object.__setattr__(self, "sizes", s)
 
@@ -34,7 +39,7 @@ class Profile:
 
     def static_at(self, hw: HW) -> "Profile":
         """The same batch range at one fixed size (for graphs that cannot have dynamic H/W)."""
-        return Profile(self.batch, (hw, hw, hw), dynamic_hw=False)
+        return Profile(self.batch, (hw, hw, hw), dynamic_hw=False, multiple=self.multiple)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -42,13 +47,14 @@ class Profile:
         return {"batch": dict(zip(names, self.batch)),
                 "height": dict(zip(names, (s[0] for s in self.sizes))),
                 "width": dict(zip(names, (s[1] for s in self.sizes))),
-                "dynamic_hw": d["dynamic_hw"]}
+                "dynamic_hw": d["dynamic_hw"], **({"multiple": self.multiple} if self.multiple != 1 else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Profile":
         names = ("min", "opt", "max")
         return cls(tuple(d["batch"][n] for n in names),
-                   tuple((d["height"][n], d["width"][n]) for n in names), bool(d.get("dynamic_hw", True)))
+                   tuple((d["height"][n], d["width"][n]) for n in names), bool(d.get("dynamic_hw", True)),
+                   int(d.get("multiple", 1)))
 
     def accepts(self, batch: int, hw: HW) -> bool:
         """Whether a (batch, H, W) lies inside the profile."""

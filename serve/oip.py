@@ -46,6 +46,16 @@ def server_metadata() -> dict:
     return {"name": "ddpm-engine", "version": version, "extensions": ["binary_tensor_data"]}
 
 
+def check_servable(engine) -> None:
+    """Raise EngineError for engines the protocol cannot drive yet: diffusers models (no background, integer time)."""
+    from .diffusers_schedule import DiffusersSchedule
+    from .errors import EngineError
+
+    if isinstance(engine.schedule, DiffusersSchedule):
+        raise EngineError("serving a diffusers engine is not supported yet (requests carry a background and the "
+                          "seed's t_start/t_end); sample it with engine.sample or `ddpm-engine sample`")
+
+
 def model_metadata(engine, name: str) -> dict:
     c_bg = engine.c_in - engine.c_out
     size = engine.size_range

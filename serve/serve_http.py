@@ -42,6 +42,7 @@ class Service:
                  batch_window_ms: float = 5.0, timeout_s: float = 60.0, max_body_bytes: int = 64 << 20,
                  read_timeout_s: float = 10.0, max_timesteps: int = 1000, drain_timeout_s: float = 30.0,
                  batching: str = "step"):
+        oip.check_servable(engine)
         self.engine, self.name, self.timeout_s = engine, name, timeout_s
         self.max_body_bytes, self.read_timeout_s, self.max_timesteps = max_body_bytes, read_timeout_s, max_timesteps
         self.drain_timeout_s, self.draining, self._closer = drain_timeout_s, False, None

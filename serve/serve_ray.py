@@ -38,6 +38,7 @@ def make_deployment(max_batch: int, batch_window_ms: float, batching: str = "ste
             from ddpm_engine.engine.api import load
 
             self.engine = load(directory, backend=backend, threads=threads)
+            oip.check_servable(self.engine)
             self.name, self.max_body_bytes, self.max_timesteps = name, max_body_bytes, max_timesteps
             self.max_batch = min(max_batch, self.engine.max_batch)
             self.infer_batch.set_max_batch_size(self.max_batch)

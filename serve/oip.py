@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from .batcher import Job
-from .samplers import SAMPLERS
+from ddpm_engine.engine.samplers import SAMPLERS
 
 HEADER_LENGTH = "inference-header-content-length"
 INPUTS = ("background", "mask", "x_init")

@@ -22,7 +22,7 @@ from .runner import BufferSet, Runner, _randn
 from .samplers import COL_BLEND, StepTable, step_table
 from .validation import check_seed
 
-_CARRIED = ("x", "x_init", "mask", "sample", "timestep")  # per-row state that survives a change of batch layout
+_CARRIED = ("x", "x_init", "mask", "sample", "timestep", "x0_prev")  # per-row state that survives a change of batch layout
 
 
 class GeneratorNoise:
@@ -109,12 +109,12 @@ class SlotRunner:
 
     def prepare(self, background, mask=None, x_init=None, timesteps: int = 300, sampler: str = "ddpm",
                 t_start: float = 1.0, t_end: float = 0.0, eta: float = 0.0, tau: float = 1.0, init: str = "noise",
-                seed: int = 0) -> list[SlotJob]:
+                seed: int = 0, spacing: str = "time") -> list[SlotJob]:
         """A request's chunks, split and seeded as Engine.sample splits them; ValueError naming a bad input."""
         engine = self.engine
         background, mask, x_init, init_from, (_, c, h, w) = engine.checked_inputs(background, mask, x_init, init)
         check_seed(seed)
-        table = step_table(engine.schedule, sampler, timesteps, t_start, t_end, eta=eta, tau=tau)
+        table = step_table(engine.schedule, sampler, timesteps, t_start, t_end, eta=eta, tau=tau, spacing=spacing)
         host_blend = (table.rows[:, COL_BLEND] != 0).tolist()
         dev_table = table.to(self.device)
         on_dev = lambda t: None if t is None else t.to(self.device, torch.float32)  # noqa: E731
@@ -152,6 +152,7 @@ class SlotRunner:
             if job.mask is not None:
                 b.mask[rows].copy_(job.mask)
                 b.x_init[rows].copy_(job.x_init)
+            b.x0_prev[rows].zero_()  # a multistep sampler's history starts empty, as in Engine.sample
             eps0, eps1 = b.noise[0][rows], b.noise[1][rows]
             job.noise.draw(0, eps0, eps1, True, blend)
             initial_torch(b.x[rows], job.table.rows, eps0, eps1 if blend else None, model_in=b.sample[rows],
@@ -172,8 +173,8 @@ class SlotRunner:
                 job.noise.draw(job.step + 1, b.noise[0][rows], b.noise[1][rows], job.table.draws_step_noise,
                                blend_next)
             step_slots_torch(b.x, b.eps, p["table"], p["offset"], p["step"], p["length"], *b.noise,
-                             draws=p["draws"], masked=p["masked"], model_in=b.sample, t_in=b.timestep, mask=b.mask,
-                             x_init=b.x_init)
+                             draws=p["draws"], masked=p["masked"], x0_form=p["x0_form"], history=p["history"],
+                             x0_prev=b.x0_prev, model_in=b.sample, t_in=b.timestep, mask=b.mask, x_init=b.x_init)
             p["step"].add_(1)
             finished = []
             for job in self.jobs:
@@ -210,14 +211,16 @@ class SlotRunner:
         if saved is not None:
             for name, value in saved.items():
                 getattr(self._bufs, name)[:value.shape[0]].copy_(value)
-        start, offset, per_row = 0, 0, {k: [] for k in ("offset", "step", "length", "draws", "masked")}
+        flags = ("draws", "masked", "x0_form", "history")
+        start, offset, per_row = 0, 0, {k: [] for k in ("offset", "step", "length", *flags)}
         for j in jobs:  # carried jobs first, in their old order, so `saved` lines up with rows 0..k-1
             j.start, start = start, start + j.rows
             for key, value in (("offset", offset), ("step", j.step), ("length", j.table.timesteps),
-                               ("draws", j.table.draws_step_noise), ("masked", j.mask is not None)):
+                               ("draws", j.table.draws_step_noise), ("masked", j.mask is not None),
+                               ("x0_form", j.table.x0_form), ("history", j.table.history)):
                 per_row[key] += [value] * j.rows
             offset += j.table.timesteps
         dev = self.device
-        self._per_row = {k: torch.tensor(v, dtype=torch.bool if k in ("draws", "masked") else torch.int64, device=dev)
+        self._per_row = {k: torch.tensor(v, dtype=torch.bool if k in flags else torch.int64, device=dev)
                          for k, v in per_row.items()}
         self._per_row["table"] = torch.cat([j.table.rows for j in jobs])

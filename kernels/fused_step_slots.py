@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ddpm_engine.engine.samplers import COL_BLEND, COL_CE, COL_CX, COL_CZ, COL_RX, COL_RZ, COL_T
+from ddpm_engine.engine.samplers import (COL_AO, COL_AX, COL_B0, COL_BH, COL_BLEND, COL_CE, COL_CLIP, COL_CX, COL_CZ,
+                                         COL_RX, COL_RZ, COL_T)
 
 from .fused_step import check_rows
 
@@ -26,6 +27,9 @@ def step_slots_torch(
     *,
     draws: torch.Tensor,
     masked: torch.Tensor,
+    x0_form: torch.Tensor,
+    history: torch.Tensor,
+    x0_prev: torch.Tensor,
     model_in: torch.Tensor,
     t_in: torch.Tensor,
     mask: torch.Tensor,
@@ -34,8 +38,9 @@ def step_slots_torch(
     """Step every slot once: x[b] <- its request's step `step[b]` (int64 [B] tensors offset, step, length = T).
 
     draws[b]: the request's sampler draws step noise (eps2[b] is used only there); masked[b]: it blends its known
-    pixels (mask[b], x_init[b] and eps1[b], the blend noise of its next step, are used only there). Rows on their
-    last step leave model_in and t_in as they are, like step_torch. Returns x.
+    pixels (mask[b], x_init[b] and eps1[b], the blend noise of its next step, are used only there); x0_form[b]: its
+    table has x0 columns; history[b]: it keeps x0_prev[b] (multistep samplers; read, then overwritten with this
+    step's x0). Rows on their last step leave model_in and t_in as they are, like step_torch. Returns x.
     """
     check_rows(table)
     B, C = x.shape[:2]
@@ -46,7 +51,16 @@ def step_slots_torch(
     def per_row(r: torch.Tensor, col: int) -> torch.Tensor:  # one coefficient per slot, broadcast over C, H, W
         return r[:, col].view(B, 1, 1, 1)
 
-    x_next = per_row(row, COL_CX) * x + per_row(row, COL_CE) * eps_hat.float()
+    eps_hat = eps_hat.float()
+    x_next = per_row(row, COL_CX) * x + per_row(row, COL_CE) * eps_hat
+    # The x0 terms only on rows whose table has them: seed rows stay exactly step_torch's seed update.
+    x0 = per_row(row, COL_AX) * x + per_row(row, COL_AO) * eps_hat
+    clip = per_row(row, COL_CLIP)
+    x0 = torch.where(clip > 0, torch.minimum(torch.maximum(x0, -clip), clip), x0)
+    x_next = torch.where(x0_form.view(B, 1, 1, 1), x_next + per_row(row, COL_B0) * x0, x_next)
+    keeps = history.view(B, 1, 1, 1)
+    x_next = torch.where(keeps, x_next + per_row(row, COL_BH) * x0_prev, x_next)
+    x0_prev.copy_(torch.where(keeps, x0, x0_prev))
     # `where`, not a zero coefficient: rows that draw no noise must not get `+ 0.0` (it turns -0.0 into +0.0).
     x_next = torch.where(draws.view(B, 1, 1, 1), x_next + per_row(row, COL_CZ) * eps2, x_next)
     blend = (masked & has_next & (nxt[:, COL_BLEND] != 0)).view(B, 1, 1, 1)

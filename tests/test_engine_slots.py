@@ -27,7 +27,8 @@ def tile(seed, rows=1):
 MIXED = [(1, dict(timesteps=7), True), (2, dict(timesteps=5, sampler="ddim"), False),
          (1, dict(timesteps=9, sampler="ddim", eta=0.5), True), (2, dict(timesteps=6, t_start=0.8, t_end=0.1), False),
          (1, dict(timesteps=4, tau=0.5), True), (1, dict(timesteps=3, init="background"), False),
-         (2, dict(timesteps=8, sampler="ddim", tau=0.25), True)]
+         (2, dict(timesteps=8, sampler="ddim", tau=0.25), True), (1, dict(timesteps=6, sampler="dpmpp-2m"), True),
+         (2, dict(timesteps=5, sampler="dpmpp-2m-sde", spacing="logsnr", t_start=0.6), False)]
 
 
 def requests(base=0):
@@ -54,7 +55,7 @@ def run_staggered(runner: SlotRunner, reqs, joins):
     return {k: torch.cat([results[id(p)] for p in parts[k]]).numpy() for k in range(len(reqs))}, busy
 
 
-@pytest.mark.parametrize("joins", [[0] * 7, [0, 3, 1, 0, 6, 2, 9], [4, 0, 0, 8, 1, 1, 3]], ids=str)
+@pytest.mark.parametrize("joins", [[0] * 9, [0, 3, 1, 0, 6, 2, 9, 1, 4], [4, 0, 0, 8, 1, 1, 3, 2, 0]], ids=str)
 def test_each_request_equals_its_own_engine_sample_bitwise(engine, one_thread, joins):
     runner = SlotRunner(engine, slots=4)
     reqs = requests()
@@ -112,7 +113,7 @@ def test_with_the_triton_step_each_request_gets_its_own_philox_noise(tiny_engine
     own step and its own rows (Triton's interpreter on CPU), and each result equals that engine's sample() bitwise."""
     engine = load(tiny_engine_dir, backend="onnxruntime", step="triton", threads=1)
     reqs = requests(base=30)
-    got, _ = run_staggered(SlotRunner(engine, slots=4), reqs, [0, 3, 1, 0, 6, 2, 9])
+    got, _ = run_staggered(SlotRunner(engine, slots=4), reqs, [0, 3, 1, 0, 6, 2, 9, 1, 4])
     for k, r in enumerate(reqs):
         np.testing.assert_array_equal(got[k], engine.sample(**r), err_msg=f"request {k}: {MIXED[k]}")
 
@@ -123,7 +124,7 @@ def test_torch_backend_rows_depend_on_the_batch_only_in_the_last_bits(tiny_engin
     x0 100x) slot results were measured within 3.1e-5 of the direct call (values of order 1)."""
     engine = load(tiny_engine_dir, backend="torch")
     reqs = requests(base=50)
-    got, _ = run_staggered(SlotRunner(engine, slots=4), reqs, [0, 3, 1, 0, 6, 2, 9])
+    got, _ = run_staggered(SlotRunner(engine, slots=4), reqs, [0, 3, 1, 0, 6, 2, 9, 1, 4])
     worst = max(float(np.abs(got[k] - engine.sample(**r)).max()) for k, r in enumerate(reqs))
     print(f"\ntorch backend: largest |slot - direct| {worst:.3g}")
     assert worst < 2e-4
@@ -133,29 +134,33 @@ def test_per_row_step_equals_the_spec_row_by_row(one_thread):
     """Every slot row, at any step of any table (last step, blending or not, noise or not), equals step_torch."""
     g = torch.Generator().manual_seed(0)
     s = CosineSchedule()
-    tables = [step_table(s, "ddpm", 5, tau=0.6), step_table(s, "ddim", 3), step_table(s, "ddim", 4, eta=0.3)]
+    tables = [step_table(s, "ddpm", 5, tau=0.6), step_table(s, "ddim", 3), step_table(s, "ddim", 4, eta=0.3),
+              step_table(s, "dpmpp-2m", 5), step_table(s, "dpmpp-2m-sde", 4, spacing="logsnr")]
     # rows: (table, step, masked)
-    layout = [(0, 0, True), (0, 2, True), (0, 4, True), (1, 1, False), (1, 2, True), (2, 0, True), (2, 3, False)]
+    layout = [(0, 0, True), (0, 2, True), (0, 4, True), (1, 1, False), (1, 2, True), (2, 0, True), (2, 3, False),
+              (3, 2, True), (3, 4, False), (4, 1, True)]
     B, C = len(layout), 2
     randn = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
     x, eps, eps1, eps2, x_init = (randn(B, C, H, W) for _ in range(5))
     mask = (torch.rand(B, 1, H, W, generator=g) > 0.5).float().expand(B, C, H, W).contiguous()
-    model_in, t_in = randn(B, C + 1, H, W), randn(B)
+    model_in, t_in, x0_prev = randn(B, C + 1, H, W), randn(B), randn(B, C, H, W)
     offsets = np.cumsum([0] + [t.timesteps for t in tables])
     as_long = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
-    got_x, got_in, got_t = x.clone(), model_in.clone(), t_in.clone()
+    got_x, got_in, got_t, got_x0 = x.clone(), model_in.clone(), t_in.clone(), x0_prev.clone()
+    flags = lambda name: torch.tensor([getattr(tables[t], name) for t, _, _ in layout])  # noqa: E731
     step_slots_torch(got_x, eps, torch.cat([t.rows for t in tables]), as_long([offsets[t] for t, _, _ in layout]),
                      as_long([i for _, i, _ in layout]), as_long([tables[t].timesteps for t, _, _ in layout]),
-                     eps2, eps1, draws=torch.tensor([tables[t].draws_step_noise for t, _, _ in layout]),
-                     masked=torch.tensor([m for _, _, m in layout]), model_in=got_in, t_in=got_t, mask=mask,
-                     x_init=x_init)
+                     eps2, eps1, draws=flags("draws_step_noise"), masked=torch.tensor([m for _, _, m in layout]),
+                     x0_form=flags("x0_form"), history=flags("history"), x0_prev=got_x0, model_in=got_in, t_in=got_t,
+                     mask=mask, x_init=x_init)
     for b, (t, i, masked) in enumerate(layout):
         row = slice(b, b + 1)
-        want_x, want_in, want_t = x[row].clone(), model_in[row].clone(), t_in[row].clone()
+        want_x, want_in, want_t, want_x0 = x[row].clone(), model_in[row].clone(), t_in[row].clone(), x0_prev[row].clone()
         step_torch(want_x, eps[row], tables[t].rows, i, eps2[row] if tables[t].draws_step_noise else None,
                    eps1[row], model_in=want_in, t_in=want_t, mask=mask[row] if masked else None,
-                   x_init=x_init[row])
+                   x_init=x_init[row], x0_form=tables[t].x0_form, x0_prev=want_x0 if tables[t].history else None)
         assert torch.equal(got_x[row], want_x) and torch.equal(got_in[row], want_in), layout[b]
+        assert torch.equal(got_x0[row], want_x0), layout[b]  # the history: x0 of this step, or left alone
         assert torch.equal(got_t[row], want_t), layout[b]
 
 
@@ -181,6 +186,6 @@ def test_slots_on_cuda_with_the_torch_step(tiny_engine_dir):
     kernels per batch size, so the U-Net rows (and the results) agree to a tolerance, not bitwise."""
     engine = load(tiny_engine_dir, backend="torch", device="cuda", step="torch")
     reqs = requests(base=80)
-    got, _ = run_staggered(SlotRunner(engine, slots=4), reqs, [0, 3, 1, 0, 6, 2, 9])
+    got, _ = run_staggered(SlotRunner(engine, slots=4), reqs, [0, 3, 1, 0, 6, 2, 9, 1, 4])
     for k, r in enumerate(reqs):
         np.testing.assert_allclose(got[k], engine.sample(**r), atol=2e-4, err_msg=f"request {k}: {MIXED[k]}")

@@ -48,8 +48,8 @@ def server_metadata() -> dict:
 
 def check_servable(engine) -> None:
     """Raise EngineError for engines the protocol cannot drive yet: diffusers models (no background, integer time)."""
-    from .diffusers_schedule import DiffusersSchedule
-    from .errors import EngineError
+    from ddpm_engine.engine.diffusers_schedule import DiffusersSchedule
+    from ddpm_engine.engine.errors import EngineError
 
     if isinstance(engine.schedule, DiffusersSchedule):
         raise EngineError("serving a diffusers engine is not supported yet (requests carry a background and the "

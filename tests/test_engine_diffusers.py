@@ -298,7 +298,7 @@ def test_bad_sampling_calls_are_refused_by_name(ort_engine):
         engine.sample(timesteps=2, spacing="logsnr")
     with pytest.raises(ValueError, match="init='background' needs background with 3 channels"):
         engine.sample(timesteps=2, init="background")
-    from ddpm_engine.engine.serve_http import Service
+    from ddpm_engine.serve.serve_http import Service
 
     with pytest.raises(EngineError, match="serving a diffusers engine is not supported yet"):
         Service(engine, "tiny")

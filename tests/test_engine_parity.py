@@ -79,7 +79,8 @@ def test_openvino_bf16_stays_within_its_bound(model, workload, reference, tmp_pa
     err16 = (bf16 - reference).abs().max().item()
     rms16 = (bf16 - reference).pow(2).mean().sqrt().item()
     print(f"openvino bf16: max err {err16:.3f}, rms {rms16:.4f} (data range [-1, 1])")
-    # bf16 keeps 8 bits of mantissa: 50 steps of the loop amplify its ~4e-3 relative error in eps_hat. The bound
-    # is on the normalised [-1, 1] scale (1 unit = half the tile's background range in deg C).
-    assert rms16 <= 0.05 and err16 <= 0.5
+    # bf16 keeps 8 bits of mantissa: 50 steps of the loop amplify its ~4e-3 relative error in eps_hat. Two runs on
+    # an AVX-512 BF16 CPU measured max 0.029 / rms 0.0039 and max 0.039 / rms 0.0048 on the normalised [-1, 1]
+    # scale; the bound is 1.5x the larger (eps scaled by 1.02 in the bf16 path gave 0.16 / 0.013 there).
+    assert rms16 <= 0.0075 and err16 <= 0.06
     assert err16 > 1e-3  # reduced precision really ran (fp32 stays within 1e-4)

@@ -1,7 +1,7 @@
 """Steps against reconstruction quality on the CARE-SST task (issue 12): which sampler reaches a given cloud RMSE
 in the fewest model calls, and how long that takes on the default CPU engine.
 
-    python benchmarks/bench_quality.py --quick                  # minutes: 1 synthetic + 1 real 64x64 crop, 5/10 steps
+    python benchmarks/bench_quality.py --quick                  # minutes: 1 synthetic tile + 4 real 64x64 crops, 5/10 steps
     python benchmarks/bench_quality.py --out out/quality        # the study (hours on 2 CPU cores)
     python benchmarks/bench_quality.py --engine engines/sst-small --steps 5,10,20 --samplers ddpm,dpmpp-2m-sde
 
@@ -9,11 +9,11 @@ Grid: samplers (DDPM, DDIM, DPM-Solver++(2M), DPM-Solver++(2M) SDE) x steps (5, 
 "full" (pure noise at t = 1) and "bg0.5" (the background diffused to t = 0.5, the main job's start). Every run
 inpaints the cloud pixels of every tile with --samples members (seeded, the engine's fast path).
 
-Tiles: held-out synthetic tiles (ddpm_engine.models.evaluate.held_out_tiles: truth known everywhere) and real
-ones built as ../shared/data/README.md says: the clear VIIRS tiles of sst-clear (day 1), each with the cloud
-mask of an sst-cloud tile laid over its clear pixels; those hidden pixels are the scored ones, with the VIIRS
-values as truth (the clear tile's own few clouds are generated too, but not scored). sst-clear's 24x24 OISST is
-resized to the tile (bilinear).
+Tiles: held-out synthetic tiles (ddpm_engine.models.evaluate.held_out_tiles: truth known everywhere) and the real
+cases of `ddpm-engine evaluate --real` (ddpm_engine.models.real_data, as ../shared/data/README.md says): each
+clear VIIRS tile-day of sst-clear with --real-masks cloud masks of sst-cloud tiles laid over its clear pixels;
+those hidden pixels are the scored ones, with the VIIRS values as truth (the clear tile's own few clouds are
+generated too, but not scored); --crop takes a centre crop.
 
 Metrics, in deg C over the scored pixels of all tiles pooled: rmse_single (each member's RMSE, averaged over the
 members), rmse_mean (the RMSE of the members' mean), spread (RMS over pixels of the members' standard deviation,
@@ -44,31 +44,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from ddpm_engine.engine import build, load, reference_sample  # noqa: E402
 from ddpm_engine.engine.samplers import SAMPLERS  # noqa: E402
 from ddpm_engine.models import load_model  # noqa: E402
-from ddpm_engine.models.data import CLOUD, LAND, denormalize, normalize, preprocess  # noqa: E402
+from ddpm_engine.models.data import denormalize  # noqa: E402
 from ddpm_engine.models.evaluate import held_out_tiles  # noqa: E402
+from ddpm_engine.models.real_data import holdout_real_tiles  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 STARTS = {"full": (1.0, "noise"), "bg0.5": (0.5, "background")}
 
 
 def real_tiles(root: Path, masks: int, crop: int | None) -> list[tuple[object, np.ndarray]]:
-    """(Tile, scored) pairs: sst-clear tiles with sst-cloud masks laid over their clear pixels (data README)."""
-    clouds = [np.load(p).astype(np.float32) == CLOUD for p in sorted((root / "sst-cloud" / "viirs").glob("*.npy"))]
-    out = []
-    for v in sorted((root / "sst-clear" / "viirs").glob("*_viirs_*.npy")):
-        viirs = np.load(v).astype(np.float32)[..., 0]  # day 1 of the two
-        oisst = np.load(root / "sst-clear" / "oisst" / v.name.replace("_viirs_", "_oisst_")).astype(np.float32)
-        oisst = torch.nn.functional.interpolate(torch.from_numpy(oisst[..., 0])[None, None], size=viirs.shape,
-                                                mode="bilinear", align_corners=False)[0, 0].numpy()
-        valid = (viirs != CLOUD) & (viirs > LAND + 0.5)
-        for cloud in clouds[:masks]:
-            view = (slice(None), slice(None)) if crop is None else np.s_[:crop, :crop]
-            hide = cloud[view] & valid[view]
-            tile = preprocess(np.where(hide, CLOUD, viirs[view]), oisst[view])
-            tile.truth = torch.from_numpy(normalize(np.where(valid[view], viirs[view], oisst[view]), tile.lo,
-                                                    tile.hi))[None]
-            out.append((tile, hide))
-    return out
+    """(Tile, scored) pairs: `ddpm-engine evaluate --real`'s cases (models.real_data.holdout_real_tiles)."""
+    return [(tile, tile.scored[0].numpy() > 0) for _, tile in holdout_real_tiles(root, masks, crop)]
 
 
 def synthetic_tiles(n: int, size: int) -> list[tuple[object, np.ndarray]]:
@@ -166,7 +152,7 @@ def write_plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1 synthetic tile and 1 real 64x64 crop, steps 5,10, 2 members")
+    p.add_argument("--quick", action="store_true", help="1 synthetic tile and 4 real 64x64 crops, steps 5,10, 2 members")
     p.add_argument("--engine", metavar="DIR", help="an sst-small engine directory (default: build one in a temp dir)")
     p.add_argument("--samplers", default=",".join(SAMPLERS), help="comma-separated samplers")
     p.add_argument("--steps", default="5,10,20,50,100,200", help="comma-separated step counts")
@@ -174,8 +160,8 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=4, help="members per tile (M)")
     p.add_argument("--synthetic", type=int, default=8, help="held-out synthetic tiles")
     p.add_argument("--size", type=int, default=64, help="synthetic tile size")
-    p.add_argument("--real-masks", type=int, default=3, help="sst-cloud masks per sst-clear tile (0: no real tiles)")
-    p.add_argument("--crop", type=int, default=None, help="crop real tiles to CROP x CROP (default: the full 300x300)")
+    p.add_argument("--real-masks", type=int, default=3, help="sst-cloud masks per sst-clear tile-day (0: no real tiles)")
+    p.add_argument("--crop", type=int, default=None, help="a CROP x CROP centre crop of the real tiles (default: the full 300x300)")
     p.add_argument("--baseline-steps", type=int, default=100, help="steps of the seed-loop timing row (0: none)")
     p.add_argument("--data", type=Path, default=DATA, help="the shared data folder")
     p.add_argument("--out", type=Path, help="write results.json, table.md and rmse_vs_calls.png here")

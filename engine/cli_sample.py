@@ -74,6 +74,10 @@ def register(subparsers) -> None:
                    help="start time in (0, 1]; below 1 with --init background is CARE-SST's partial-noise start")
     r.add_argument("--init", choices=("noise", "background"), default="noise",
                    help="start from pure noise, or from the background diffused to --t-start")
+    r.add_argument("--fast", action="store_true",
+                   help=f"the measured fast setting: {FAST['sampler']} with {FAST['timesteps']} steps from the background "
+                   f"diffused to t = {FAST['t_start']} (within 2 %% of 100-step DDPM's cloud RMSE, about 20x less time; "
+                   "benchmarks/RESULTS.md 'Steps against quality')")
     r.add_argument("--batch", type=int, default=8, help="rows per engine call (tiles x samples)")
     r.add_argument("--limit", type=int, default=None, help="use only the first N tiles")
     r.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
@@ -122,10 +126,27 @@ def run_sample(args) -> int:
     return 0
 
 
+# `reconstruct --fast`: the fewest steps within 2 % of 100-step DDPM from the main job's start, as measured by
+# benchmarks/bench_quality.py on real and synthetic tiles (RESULTS.md "Steps against quality").
+FAST = {"sampler": "dpmpp-2m-sde", "timesteps": 5, "t_start": 0.5, "init": "background"}
+_FAST_DEFAULTS = {"sampler": None, "timesteps": 100, "t_start": 1.0, "init": "noise"}
+
+
+def _apply_fast(args) -> None:
+    """Set the --fast settings, refusing a flag given alongside it with another value."""
+    for name, value in FAST.items():
+        given = getattr(args, name)
+        if given not in (_FAST_DEFAULTS[name], value):
+            raise ValueError(f"--fast sets --{name.replace('_', '-')} {value}; drop --{name.replace('_', '-')} {given}")
+        setattr(args, name, value)
+
+
 def run_reconstruct(args) -> int:
     from .api import load
     from .reconstruct import directory_tiles, real_tiles, reconstruct, save_figure, synthetic_tiles
 
+    if args.fast:
+        _apply_fast(args)
     args.sampler = args.sampler or "ddpm"  # CARE-SST models: the seed's sampler (None means a diffusers model's own)
     if args.viirs and not args.oisst:
         raise ValueError("--viirs needs --oisst (one background tile per VIIRS tile)")

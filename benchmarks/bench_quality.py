@@ -52,20 +52,16 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 STARTS = {"full": (1.0, "noise"), "bg0.5": (0.5, "background")}
 
 
-def real_tiles(root: Path, masks: int, crop: int | None) -> list[tuple[object, np.ndarray]]:
-    """(Tile, scored) pairs: `ddpm-engine evaluate --real`'s cases (models.real_data.holdout_real_tiles)."""
-    return [(tile, tile.scored[0].numpy() > 0) for _, tile in holdout_real_tiles(root, masks, crop)]
-
-
-def synthetic_tiles(n: int, size: int) -> list[tuple[object, np.ndarray]]:
-    """(Tile, scored) pairs of held-out synthetic tiles: every cloud pixel is scored."""
-    return [(t, t.mask[0].numpy() > 0) for t in held_out_tiles(n, size)]
+def real_tiles(root: Path, masks: int, crop: int | None) -> list:
+    """`ddpm-engine evaluate --real`'s cases (models.real_data.holdout_real_tiles): Tiles scored on hidden pixels."""
+    return [tile for _, tile in holdout_real_tiles(root, masks, crop)]
 
 
 def scores(members: np.ndarray, tiles) -> dict:
     """rmse_single, rmse_mean, spread, spread_skill in deg C from members [M, N, H, W] (normalised units)."""
     sq_single, sq_mean, var, count = np.zeros(len(members)), 0.0, 0.0, 0
-    for k, (tile, scored) in enumerate(tiles):
+    for k, tile in enumerate(tiles):
+        scored = tile.scored_pixels[0].numpy() > 0
         deg = denormalize(members[:, k].astype(np.float64), tile.lo, tile.hi)[:, scored]
         truth = denormalize(tile.truth[0].numpy().astype(np.float64), tile.lo, tile.hi)[scored]
         sq_single += ((deg - truth) ** 2).sum(1)
@@ -81,7 +77,7 @@ def scores(members: np.ndarray, tiles) -> dict:
 def sample_members(engine, tiles, samples: int, steps: int, sampler: str, start: str, seed: int) -> np.ndarray:
     """[M, N, H, W]: every tile inpainted `samples` times (one call per size group; seeds differ per member)."""
     t_start, init = STARTS[start]
-    stack = lambda f: torch.stack([getattr(t, f) for t, _ in tiles])  # noqa: E731
+    stack = lambda f: torch.stack([getattr(t, f) for t in tiles])  # noqa: E731
     bg, mask, x_init = stack("background"), stack("mask"), stack("x_init")
     members = []
     for m in range(samples):
@@ -94,7 +90,7 @@ def sample_members(engine, tiles, samples: int, steps: int, sampler: str, start:
 def seed_baseline(model, tiles, samples: int, steps: int) -> float:
     """Seconds per tile of the seed's eager loop (reference_sample, DDPM, the main job's start), all members."""
     t_start, init = STARTS["bg0.5"]
-    stack = lambda f: torch.stack([getattr(t, f) for t, _ in tiles]).repeat(samples, 1, 1, 1)  # noqa: E731
+    stack = lambda f: torch.stack([getattr(t, f) for t in tiles]).repeat(samples, 1, 1, 1)  # noqa: E731
     bg, mask, x_init = stack("background"), stack("mask"), stack("x_init")
     t0 = time.perf_counter()
     reference_sample(model, bg, tuple(x_init.shape), mask=mask, x_init=x_init, timesteps=steps, t_start=t_start,
@@ -172,10 +168,10 @@ def main(argv=None) -> int:
     samplers, starts = args.samplers.split(","), args.starts.split(",")
     steps = [int(s) for s in args.steps.split(",")]
 
-    workloads = {"synthetic": synthetic_tiles(args.synthetic, args.size)} if args.synthetic else {}
+    workloads = {"synthetic": held_out_tiles(args.synthetic, args.size)} if args.synthetic else {}
     if args.real_masks:
         workloads["real"] = real_tiles(args.data, args.real_masks, args.crop)
-    sizes = sorted({tuple(t.background.shape[1:]) for tiles in workloads.values() for t, _ in tiles})
+    sizes = sorted({tuple(t.background.shape[1:]) for tiles in workloads.values() for t in tiles})
     batch = max(len(tiles) for tiles in workloads.values())
     with tempfile.TemporaryDirectory() as tmp:
         directory = args.engine or Path(tmp) / "sst-small"

@@ -92,6 +92,11 @@ class Tile:
     truth: torch.Tensor | None = None  # synthetic tiles, and real tiles with pixels hidden under another's clouds
     scored: torch.Tensor | None = None  # the pixels whose truth is known and scored (None: every mask pixel)
 
+    @property
+    def scored_pixels(self) -> torch.Tensor:
+        """1 on the pixels an RMSE counts: `scored` where set, else every cloud (mask) pixel."""
+        return self.mask if self.scored is None else self.scored
+
 
 def preprocess(viirs: np.ndarray, oisst: np.ndarray) -> Tile:
     """CARE-SST preprocessing of a real pair: VIIRS 0 = cloud, -999 = land; min-max by the OISST tile's range."""

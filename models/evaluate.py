@@ -29,7 +29,7 @@ def _rmse_under_clouds(pred: torch.Tensor, tiles: list[Tile]) -> float:
     # In deg C, pooled over the scored cloud pixels of all tiles (each tile has its own normalisation range).
     sq, count = 0.0, 0
     for p, tile in zip(pred, tiles):
-        scored = tile.mask if tile.scored is None else tile.scored
+        scored = tile.scored_pixels
         err = denormalize(p, tile.lo, tile.hi) - denormalize(tile.truth, tile.lo, tile.hi)
         sq += float((err**2 * scored).sum())
         count += int(scored.sum())

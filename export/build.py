@@ -14,13 +14,15 @@ from ddpm_engine.engine.errors import EngineError, EngineFileError
 
 from .engine_dir import check_engine_dir, hash_files, verify_files
 from .staging import clean_stale_staging, staging_dir
-from .manifest import (BACKENDS, FORMAT, FORMAT_VERSION, gpu_info, library_versions, read_manifest, sha256_json,
-                       write_manifest)
+from .manifest import (BACKENDS, FORMAT, FORMAT_VERSION, _version, gpu_info, library_versions, read_manifest,
+                       sha256_json, write_manifest)
 from .diffusers_source import ARCH as DIFFUSERS_ARCH
 from .model_source import describe_model, resolve_model, save_model_checkpoint
 from .onnx_export import (DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, TOLERANCES, default_cases, export_onnx, save_onnx,
                           verify_onnx)
 from .precision import PRECISIONS, convert_precision
+from .quality_gate import GateSettings
+from .quantize import CalibrationSettings
 from .profile import Profile, parse_batch, parse_size
 from .tensorrt_build import TensorRTSettings, plan_tolerance, tensorrt_status
 
@@ -28,6 +30,8 @@ ONNX_NAME = "model.onnx"
 DEFAULT_SIZE = ((32, 32), (300, 300), (320, 320))  # CARE-SST tiles; a diffusers model defaults to its sample_size
 # Bump when a change in this package changes what a build writes: old caches then stop matching.
 BUILDER_VERSION = 1
+# int8 is an OpenVINO artefact only: NNCF-quantised IR, accepted by the quality gate (quality_gate.py).
+BUILD_PRECISIONS = PRECISIONS + ("int8",)
 _LIB_OF = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt", "torch": "torch"}
 
 Progress = Callable[[str, str, dict], None]
@@ -91,13 +95,15 @@ def resolve_backend(backend: str, precision: str = "fp32") -> str:
         has_ov = True
     except ImportError:
         has_ov = False
-    if has_ov and is_x86() and precision in ("fp32", "bf16"):
+    if has_ov and is_x86() and precision in ("fp32", "bf16", "int8"):
         return "openvino"
     return "onnxruntime"
 
 
 def resolve_precision(precision: str, backend: str, cpu_bf16: bool | None = None) -> str:
-    """'auto': bf16 for OpenVINO on CPUs with native bf16 (AVX-512 BF16 or AMX), fp32 everywhere else.
+    """'auto' without a measurement: bf16 for OpenVINO on CPUs with native bf16 (AVX-512 BF16 or AMX), fp32
+    everywhere else. (`build` measures instead for OpenVINO: precision_choice.py; this is the label benchmarks give
+    another machine's default, and every other backend's auto.)
 
     cpu_bf16: whether the CPU has native bf16 (default: ask OpenVINO about this machine's); benchmarks pass what
     they recorded, to label another machine's default. On this project's 2-core AVX-512 BF16 CPU, sst-small
@@ -167,7 +173,8 @@ def artefact_entry(directory: Path, backend: str, entry: dict) -> dict:
 
 def _stage_keys(desc: dict, profile: Profile, precision: str, io_precision: str, backend: str, opset: int,
                 dynamic_hw: bool, external_data_threshold: int, trt: TensorRTSettings, verify: bool,
-                tolerance: float | None, libs: dict, gpu: dict, simplify: bool = False) -> dict[str, str]:
+                tolerance: float | None, libs: dict, gpu: dict, simplify: bool = False,
+                gate: GateSettings | None = None) -> dict[str, str]:
     model_key = {"arch": desc["arch"], "config": desc["config"], "weights": desc["weights_sha256"]}
     base = {"builder": BUILDER_VERSION, "format": FORMAT_VERSION, "model": model_key}
     onnx_key = sha256_json({**base, "opset": opset, "dynamic_hw": dynamic_hw, "profile": profile.as_dict(),
@@ -179,7 +186,10 @@ def _stage_keys(desc: dict, profile: Profile, precision: str, io_precision: str,
     keys = {"torch": sha256_json(base), "onnx": onnx_key, f"onnx_{precision}": prec_key,
             "onnxruntime": sha256_json({"graph": prec_key, "ort": libs["onnxruntime"]}),
             "openvino": sha256_json({"graph": onnx_key, "precision": precision, "ov": libs["openvino"],
-                                     "verify": verify, "tolerance": tolerance}),
+                                     "verify": verify, "tolerance": tolerance,
+                                     # int8 / auto: what quantises, calibrates and gates them
+                                     **({"nncf": _version("nncf"), "calibration": CalibrationSettings().as_dict(),
+                                         "gate": gate.as_dict()} if gate else {})}),
             "tensorrt": sha256_json({"graph": prec_key, "trt": libs["tensorrt"], "gpu": gpu, "settings": trt.as_dict(),
                                      "profile": profile.as_dict()})}
     # The whole-build key covers only what this backend's build uses: installing TensorRT does not invalidate
@@ -191,8 +201,6 @@ def _stage_keys(desc: dict, profile: Profile, precision: str, io_precision: str,
 
 
 def _onnxslim_version() -> str | None:
-    from .manifest import _version
-
     return _version("onnxslim")
 
 
@@ -240,6 +248,7 @@ def build(
     simplify: bool = False,
     progress: Progress | None = None,
     scheduler=None,
+    gate: GateSettings = GateSettings(),
 ) -> BuildResult:
     """Build an engine directory for one backend and precision; reuse everything a previous identical build made.
 
@@ -248,17 +257,26 @@ def build(
     diffusers pipeline directory, or a diffusers UNet2DModel with `scheduler=` its DDPMScheduler / DDIMScheduler.
     batch: (min, opt, max) or "MIN:OPT:MAX"; size: (h, w), ((h, w) min, opt, max) or "HxW[:HxW:HxW]" (default: the
     CARE-SST tiles, 32x32:300x300:320x320, or a diffusers U-Net's sample_size).
-    precision: "fp32", "fp16", "bf16", or "auto" (see resolve_precision).
+    precision: "fp32", "fp16", "bf16", "int8" (openvino: NNCF-quantised, kept only if it passes the quality gate), or
+        "auto": for openvino the fastest of fp32, bf16 (where native) and int8 that passes the gate, timed at the
+        profile's opt shape (precision_choice.py); elsewhere resolve_precision's rule.
+    gate: the quality gate's settings (quality_gate.GateSettings: the reduced main job and its 1 % tolerance).
     io_precision: "fp32" keeps fp32 I/O for reduced-precision graphs; "fp16"/"bf16" (= precision) reduces it.
     simplify: run onnxslim on the exported graph, kept only if it removes nodes and ONNX Runtime is not slower.
     tf32: let a TensorRT plan run fp32 layers in TF32 (faster on Ampere and newer, verified at TOLERANCES["tf32"]);
         off by default, so that an fp32 plan is fp32.
     The directory is written atomically; a failed or killed build leaves the previous engine (or nothing).
     """
-    if precision not in PRECISIONS + ("auto",):
-        raise ValueError(f"precision must be one of {list(PRECISIONS + ('auto',))}, got {precision!r}")
+    if precision not in BUILD_PRECISIONS + ("auto",):
+        raise ValueError(f"precision must be one of {list(BUILD_PRECISIONS + ('auto',))}, got {precision!r}")
     backend = resolve_backend(backend, "fp32" if precision == "auto" else precision)
-    precision = resolve_precision(precision, backend)
+    if precision == "int8" and backend != "openvino":
+        raise ValueError(f"--precision int8 is built for the openvino backend only (NNCF quantisation checked by the "
+                         f"quality gate); the {backend} backend cannot run it: use --backend openvino, or fp32 / "
+                         "fp16 / bf16")
+    # OpenVINO's auto is decided by measurement in its stage; "auto" stays in the stage keys until then.
+    measured = backend == "openvino" and precision in ("auto", "int8")
+    precision = precision if measured else resolve_precision(precision, backend)
     if io_precision not in ("fp32", precision):
         raise ValueError(f"io_precision must be 'fp32' or the engine precision {precision!r}, got {io_precision!r}")
     out_dir = Path(out_dir)
@@ -281,7 +299,7 @@ def build(
     libs, gpu = library_versions(), gpu_info()
     desc = stages.run("hash weights", describe_model, model, source)
     keys = _stage_keys(desc, profile, precision, io_precision, backend, opset, dynamic_hw, external_data_threshold,
-                       trt_settings, verify, tolerance, libs, gpu, simplify)
+                       trt_settings, verify, tolerance, libs, gpu, simplify, gate if measured else None)
 
     clean_stale_staging(out_dir)  # also on a cache hit; puts back an engine a killed build had set aside
     old = None
@@ -383,7 +401,26 @@ def build(
                                         "cpu_runnable": precision != "bf16",
                                         "verification": src.get("verification")}
 
-        if backend == "openvino":
+        choice = None
+        if backend == "openvino" and measured:
+            def measured_stage():
+                from .precision_choice import measured_openvino_artefact
+
+                nonlocal choice
+                hit = _reuse(old_dir, old, "openvino", keys["openvino"], stage)
+                if hit:
+                    choice = old.get("precision_choice")
+                    return hit
+                entry, choice = measured_openvino_artefact(stage, ONNX_NAME, profile, precision, desc["c_in"],
+                                                           desc["c_out"], gate, stages.note)
+                if verify and entry["precision"] != "int8":  # int8's check is the gate: per call it is ~1e-2 off
+                    entry["verification"] = _verify_ir(stage, entry, model, profile, entry["precision"], tolerance)
+                return entry
+
+            what = "calibrate + quantise (NNCF), quality gate" + (", timing" if precision == "auto" else "")
+            artefacts["openvino"] = stages.run(f"OpenVINO IR ({precision}: {what})", measured_stage)
+            precision = artefacts["openvino"]["precision"]
+        elif backend == "openvino":
             artefacts["openvino"] = stages.run(
                 f"OpenVINO IR ({precision}) + verify" if verify else f"OpenVINO IR ({precision})",
                 lambda: _reuse(old_dir, old, "openvino", keys["openvino"], stage)
@@ -420,12 +457,14 @@ def build(
             "gpu": gpu,
             "build": {"backend_requested": backend, "opset": opset, "dynamic_hw_requested": dynamic_hw,
                       "verify": verify, "tolerance": tolerance if tolerance is not None else (
-                          plan_tolerance(precision, tf32) if backend == "tensorrt" else TOLERANCES[precision]),
+                          plan_tolerance(precision, tf32) if backend == "tensorrt" else TOLERANCES.get(precision)),
                       "io_precision": io_precision, "tensorrt": trt_settings.as_dict(), "simplify": simplify,
                       "external_data_threshold": external_data_threshold, "builder_version": BUILDER_VERSION,
                       "machine": platform.machine(), "stages": stages.done},
             "cache_key": keys["cache_key"],
         }
+        if choice:
+            manifest["precision_choice"] = choice
         if desc["arch"] == DIFFUSERS_ARCH:  # the sampling settings of its scheduler (engine.diffusers_schedule)
             manifest["schedule"] = desc["config"]["schedule"]
         # engine.json is the last file written: a staging dir without it never becomes an engine.
@@ -438,11 +477,14 @@ def _openvino_stage(stage: Path, model, profile: Profile, precision: str, verify
 
     entry = build_openvino_ir(stage / ONNX_NAME, stage, precision)
     if verify:
-        cases = default_cases(profile.batch, profile.sizes, profile.dynamic_hw, profile.multiple)
-        entry["verification"] = verify_onnx(stage / entry["path"], model, cases, precision=precision,
-                                            runtime="openvino", openvino_hint=entry["inference_precision_hint"],
-                                            tolerance=tolerance).as_dict()
+        entry["verification"] = _verify_ir(stage, entry, model, profile, precision, tolerance)
     return entry
+
+
+def _verify_ir(stage: Path, entry: dict, model, profile: Profile, precision: str, tolerance) -> dict:
+    cases = default_cases(profile.batch, profile.sizes, profile.dynamic_hw, profile.multiple)
+    return verify_onnx(stage / entry["path"], model, cases, precision=precision, runtime="openvino",
+                       openvino_hint=entry["inference_precision_hint"], tolerance=tolerance).as_dict()
 
 
 def _tensorrt_stage(stage: Path, old_dir: Path | None, model, graph: str, profile: Profile, c_in: int,

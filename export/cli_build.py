@@ -21,9 +21,13 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="engine directory to write")
     p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "openvino", "torch"],
                    help="auto: tensorrt with TensorRT + an NVIDIA GPU, else openvino on x86 CPUs, else onnxruntime")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="compute precision; fp16/bf16 graphs keep norms, softmax and reductions in fp32. auto: bf16 "
-                   "for openvino on CPUs with native bf16 (AVX-512 BF16 / AMX), else fp32")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16", "int8"],
+                   help="compute precision; fp16/bf16 graphs keep norms, softmax and reductions in fp32. int8 "
+                   "(openvino, CARE-SST models): NNCF post-training quantisation calibrated on the sampler's own "
+                   "U-Net inputs, kept only if the quality gate passes. auto: for openvino the fastest of fp32, bf16 "
+                   "(native only) and int8 that passes the gate, timed at the profile's opt shape; else fp32")
+    p.add_argument("--gate-tolerance", type=float, default=0.01, metavar="REL",
+                   help="int8/auto: largest relative difference of the gate's cloud RMSE from the fp32 engine's")
     p.add_argument("--io-precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="dtype of sample/timestep/eps for reduced-precision graphs (fp32 or the --precision)")
     p.add_argument("--batch", default="1:1:8", metavar="MIN:OPT:MAX", help="batch profile (or a single N)")
@@ -83,6 +87,7 @@ def _arch_model(spec: str, seed: int):
 def run(args) -> int:
     """Build and print one line per stage with its time, then a summary."""
     from .build import build
+    from .quality_gate import GateSettings
 
     if args.arch and args.model:
         raise ValueError("give MODEL or --arch, not both")
@@ -106,7 +111,7 @@ def run(args) -> int:
                    opset=args.opset, dynamic_hw=not args.static_hw, verify=not args.no_verify,
                    tolerance=args.tolerance, builder_optimization_level=args.opt_level,
                    workspace_bytes=int(args.workspace * (1 << 30)), refit=args.refit, tf32=args.tf32, force=args.force,
-                   simplify=args.simplify, progress=progress)
+                   simplify=args.simplify, progress=progress, gate=GateSettings(tolerance=args.gate_tolerance))
     m = result.manifest
     print(f"{'cache hit' if result.cached else 'built'}: {result.directory} backend={m['backend']} "
           f"precision={m['precision']} in {time.perf_counter() - t0:.2f} s", flush=True)
@@ -116,6 +121,10 @@ def run(args) -> int:
             print(f"  {name}: max abs error vs PyTorch {v['max_abs_err']:.3g} (tolerance {v['tolerance']:g}, "
                   f"{v['runtime']})")
     ov = m["artefacts"].get("openvino")
+    if ov and ov.get("quality_gate"):
+        g = ov["quality_gate"]
+        print(f"  quality gate: cloud RMSE {g['rmse']:.4f} C ({g['precision']}) vs {g['rmse_fp32']:.4f} C (fp32), "
+              f"{100 * g['relative_difference']:.2f} % apart (tolerance {100 * g['settings']['tolerance']:g} %)")
     if ov and ov["precision"] != "fp32" and not ov["native"]:
         print(f"  note: this CPU has no native {ov['precision']} (AVX-512 BF16 or AMX), so OpenVINO runs this engine in "
               f"fp32 here; it runs {ov['precision']} on CPUs that have it")

@@ -63,6 +63,18 @@ def format_manifest(m: dict, directory=None) -> str:
                          f"{simp['ort_ms_before']} -> {simp['ort_ms_after']} ms: {'kept' if simp['kept'] else 'not kept'}")
         if e.get("note"):
             lines.append(f"  {'':<12} note: {e['note']}")
+        g = e.get("quality_gate")
+        if g:
+            lines.append(f"  {'':<12} quality gate: cloud RMSE {g['rmse']:.4f} C vs fp32 {g['rmse_fp32']:.4f} C, "
+                         f"{100 * g['relative_difference']:.2f} % apart (tolerance {100 * g['settings']['tolerance']:g} %)")
+    choice = m.get("precision_choice")
+    if choice:
+        shape = choice["shape"]
+        gates = choice.get("gate", {})
+        timed = ", ".join(f"{p} {ms:.1f} ms" + ("" if p not in gates else " (gate passed)" if gates[p]["passed"]
+                                                 else " (gate refused)") for p, ms in choice["timings_ms"].items())
+        lines.append(f"auto         chose {choice['chosen']}: {timed} per call at batch {shape['batch']} "
+                     f"{shape['height']}x{shape['width']} (median of {choice['rounds']}, load {choice['loadavg_1min']})")
     libs = ", ".join(f"{k} {v}" for k, v in m["libraries"].items() if v)
     lines.append(f"libraries    {libs}")
     gpu = m.get("gpu") or {}

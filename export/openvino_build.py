@@ -22,12 +22,13 @@ def require_openvino():
 
 
 def cpu_supports(precision: str) -> bool:
-    """Whether this CPU runs `precision` natively under OpenVINO (bf16 needs AVX-512 bf16 or AMX)."""
+    """Whether this CPU runs `precision` natively under OpenVINO (bf16 needs AVX-512 bf16 or AMX; int8 is fast with
+    AVX-512 VNNI / AVX-VNNI or AMX)."""
     if precision == "fp32":
         return True
     ov = require_openvino()
     caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    return {"bf16": "BF16", "fp16": "FP16"}[precision] in caps
+    return {"bf16": "BF16", "fp16": "FP16", "int8": "INT8"}[precision] in caps
 
 
 def build_openvino_ir(onnx_path: str | Path, engine_dir: str | Path, precision: str = "fp32") -> dict:

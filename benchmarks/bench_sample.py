@@ -19,7 +19,10 @@ Paths ("rows"):
   seed loop + torch.compile reference_sample with torch.compile(model, dynamic=False), with --compile; the compile
                             time is the row's warm-up figure
   engine <backend> <prec>   ddpm_engine.engine.load(...).sample(..., seed=0) on an engine built into a temp dir;
-                            "(default)" marks what build(backend="auto") picks on this machine
+                            "(default)" marks resolve_precision's rule (bf16 where native); build's own auto times
+                            fp32 / bf16 / int8 and records its pick in engine.json (printed below the build table)
+  engine openvino int8      build(precision="int8"): NNCF-quantised IR, accepted by the quality gate (its RMSEs
+                            printed below the build table)
 
 Timing: one untimed warm-up run per path (2 steps), then --repeats rounds; each round runs every path once, in
 an order rotated per round (interleaved, so a burst of load from other jobs hits all paths alike). Reported: the
@@ -30,7 +33,9 @@ the allocator kept is not counted again, so it is a lower bound; torch.cuda.max_
 U-Net's share of a step (one U-Net call timed alone, times T, over the run time; noisy on a loaded machine).
 
 Efficiency: U-Net FLOPs per call (torch.utils.flop_counter.FlopCounterMode), achieved U-Net FLOP/s of each row
-against the machine's matmul rate measured in the same run (torch.mm, fp32 and bf16), and the step's bytes
+against the machine's matmul rate measured in the same run (torch.mm, fp32 and bf16; and for OpenVINO rows the
+rate of a single 2048x2048 MatMul compiled by OpenVINO in the row's precision: fp32, bf16, and int8 = int8 weights
+with a FakeQuantize on the activations, which OpenVINO runs as an int8 GEMM (VNNI / AMX-INT8)), and the step's bytes
 (bench_step.step_bytes) against measured copy bandwidth (bench_step.copy_bandwidth_gbps).
 
 Prints tables, then one JSON line per row (prefix "JSON "). Never collected by pytest.
@@ -244,6 +249,8 @@ def build_engines(model, args, batches, size, workdir: Path, device: torch.devic
     plans = [("fp32", default, "fp32", True)]  # (dir, backend, precision, verify)
     if default == "openvino" and not args.no_bf16:
         plans.append(("bf16", "openvino", "bf16", True))
+    if default == "openvino" and not args.no_int8:
+        plans.append(("int8", "openvino", "int8", True))
     if default == "tensorrt":
         plans.append(("fp16", "tensorrt", "fp16", True))
         if is_available("openvino"):
@@ -265,6 +272,9 @@ def build_engines(model, args, batches, size, workdir: Path, device: torch.devic
             row = dict(kind="build", engine=name, backend=res.backend, precision=precision, verify=verify,
                        attempt=attempt, cached=res.cached, total_s=round(total, 3),
                        stages={s["stage"]: s["seconds"] for s in res.stages})
+            gate = res.manifest["artefacts"].get(backend, {}).get("quality_gate")
+            if gate:
+                row["quality_gate"] = {k: gate[k] for k in ("rmse", "rmse_fp32", "relative_difference", "passed")}
             build_rows.append(row)
             dirs[name] = d
             if not verify:
@@ -278,6 +288,8 @@ def build_engines(model, args, batches, size, workdir: Path, device: torch.devic
                 wanted.append(("fp32", backend, "fp32"))
     if "bf16" in dirs:
         wanted.append(("bf16", "openvino", "bf16"))
+    if "int8" in dirs:
+        wanted.append(("int8", "openvino", "int8"))
     if "fp16" in dirs:
         wanted.append(("fp16", "tensorrt", "fp16"))
     if "ov-fp32" in dirs:
@@ -322,6 +334,28 @@ def matmul_gflops(dtype: torch.dtype, n: int, device: torch.device) -> float:
         ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
     else:
         ms = cpu_time_ms(fn, warmup=2, reps=7, budget_s=6.0)
+    return 2 * n**3 / (ms * 1e-3) / 1e9
+
+
+def openvino_matmul_gops(precision: str, n: int, threads: int | None) -> float:
+    """GOP/s of one [n, n] x [n, n] MatMul compiled by OpenVINO in `precision` (int8: int8 weights dequantised by a
+    scale and a FakeQuantize on the activations, NNCF's layout, which OpenVINO lowers to an int8 GEMM)."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    rng = np.random.default_rng(0)
+    x = ops.parameter([n, n], np.float32, name="x")
+    if precision == "int8":
+        w = ops.multiply(ops.convert(ops.constant(rng.integers(-127, 128, (n, n)).astype(np.int8)), np.float32),
+                         ops.constant(np.full((n, 1), 0.01, np.float32)))
+        y = ops.matmul(ops.fake_quantize(x, -4.0, 4.0, -4.0, 4.0, 256), w, False, True)
+    else:
+        y = ops.matmul(x, ops.constant(rng.standard_normal((n, n)).astype(np.float32)), False, False)
+    cfg = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32" if precision == "fp32" else "bf16",
+           **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+    request = ov.Core().compile_model(ov.Model([y], [x]), "CPU", cfg).create_infer_request()
+    feed = rng.standard_normal((n, n)).astype(np.float32)
+    ms = cpu_time_ms(lambda: request.infer([feed]), warmup=2, reps=7, budget_s=4.0)
     return 2 * n**3 / (ms * 1e-3) / 1e9
 
 
@@ -428,6 +462,7 @@ def main(argv=None) -> int:
                         "batch size to compile on 2 cores)")
     p.add_argument("--no-diffusers", dest="diffusers", action="store_false", help="skip the diffusers-style row")
     p.add_argument("--no-bf16", action="store_true", help="skip the OpenVINO bf16 engine")
+    p.add_argument("--no-int8", action="store_true", help="skip the OpenVINO int8 engine (NNCF + quality gate)")
     p.add_argument("--no-split-build", dest="split_build", action="store_false",
                    help="skip the unverified build that separates export time from verification time")
     p.add_argument("--no-efficiency", dest="efficiency", action="store_false",
@@ -494,6 +529,11 @@ def main(argv=None) -> int:
         else:
             print(f"{r['engine']:>14} {r['backend']:>12} {r['precision']:>5} {'':>6} {'load':>7} {r['total_s']:>8.2f}"
                   "  (load: open + compile the artefact for this machine)")
+    for r in build_rows:
+        g = r.get("quality_gate")
+        if g and r["attempt"] == "cold":
+            print(f"# quality gate ({r['precision']}): cloud RMSE {g['rmse']:.4f} C vs fp32 {g['rmse_fp32']:.4f} C, "
+                  f"{100 * g['relative_difference']:.2f} % apart: {'passed' if g['passed'] else 'refused'}")
 
     # ---- machine rates ------------------------------------------------------------------------------------
     rates = {}
@@ -506,6 +546,11 @@ def main(argv=None) -> int:
             rates["copy_gbps"] = round(copy_bandwidth_gbps(device, timer), 2)
         print(f"\n# measured now: torch.mm {n}x{n} fp32 {rates['mm_fp32_gflops']} GFLOP/s, bf16 "
               f"{rates['mm_bf16_gflops']} GFLOP/s; copy bandwidth {rates.get('copy_gbps', '?')} GB/s")
+        if any(backend == "openvino" for _, backend, *_ in engines):
+            for prec in ("fp32", "bf16", "int8"):
+                rates[f"ov_mm_{prec}_gops"] = round(openvino_matmul_gops(prec, 2048, args.threads), 1)
+            print("# measured now: OpenVINO MatMul 2048x2048 " + ", ".join(
+                f"{prec} {rates[f'ov_mm_{prec}_gops']} GOP/s" for prec in ("fp32", "bf16", "int8")))
 
     # ---- the timed runs -----------------------------------------------------------------------------------
     compiled = torch.compile(model, dynamic=False) if args.compile else None
@@ -601,6 +646,9 @@ def main(argv=None) -> int:
                     peak = rates.get("mm_bf16_gflops" if i["precision"] == "bf16" else "mm_fp32_gflops")
                     if peak:
                         row["of_mm_peak"] = round(flops * T / med / 1e9 / peak, 4)
+                    ov_peak = rates.get(f"ov_mm_{i['precision']}_gops") if i["backend"] == "openvino" else None
+                    if ov_peak:  # against the same runtime's matmul in the same precision (int8: int8 ops)
+                        row["of_ov_mm_peak"] = round(flops * T / med / 1e9 / ov_peak, 4)
                 if u is not None:
                     row["unet_ms_per_call"] = round(u, 2)
                     row["unet_share"] = round(u * T / (1e3 * med), 3)
@@ -616,17 +664,18 @@ def main(argv=None) -> int:
     print(f"\n## Sampling, CARE-SST workload ({args.size}x{args.size}, masked DDPM), median of {args.repeats} "
           "interleaved rounds")
     head = (f"{'path':>34} {'B':>3} {'T':>4} {'run s':>8} {'spread':>7} {'s/sample':>9} {'samples/s':>10} "
-            f"{'ms/step':>9} {'vs seed':>8} {'peak MiB':>9} {'U-Net %':>8} {'GFLOP/s':>8} {'of mm':>6}")
+            f"{'ms/step':>9} {'vs seed':>8} {'peak MiB':>9} {'U-Net %':>8} {'GFLOP/s':>8} {'of mm':>6} {'of OV mm':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
         share = f"{100 * r['unet_share']:.0f}%" if "unet_share" in r else "-"
         eff = f"{r['achieved_gflops']:.1f}" if "achieved_gflops" in r else "-"
         ofmm = f"{100 * r['of_mm_peak']:.1f}%" if "of_mm_peak" in r else "-"
+        ofov = f"{100 * r['of_ov_mm_peak']:.1f}%" if "of_ov_mm_peak" in r else "-"
         memv = f"{r['peak_mem_mib']:.0f}" if r["peak_mem_mib"] is not None else "-"
         print(f"{r['path']:>34} {r['batch']:>3} {r['steps']:>4} {fmt_s(r['median_s']):>8} "
               f"{100 * r['spread']:>6.0f}% {fmt_s(r['s_per_sample']):>9} {r['samples_per_s']:>10.3f} "
-              f"{r['ms_per_step']:>9.1f} {r['vs_seed']:>7.2f}x {memv:>9} {share:>8} {eff:>8} {ofmm:>6}")
+              f"{r['ms_per_step']:>9.1f} {r['vs_seed']:>7.2f}x {memv:>9} {share:>8} {eff:>8} {ofmm:>6} {ofov:>8}")
 
     if args.efficiency:
         print(f"\n## Efficiency: U-Net FLOPs per call, one U-Net call alone, one sampler step alone ({args.size}x"
@@ -666,10 +715,12 @@ def markdown(meta: dict, build_rows: list, rows: list, extra: list) -> str:
     out = [f"Machine: {meta['machine']}, {meta['cores']} cores, torch threads {meta['torch_threads']}; "
            f"load average {meta['loadavg_start']} at the start, {meta.get('loadavg_end')} at the end. "
            f"Model: {meta['model']}. Measured torch.mm rate {meta.get('mm_fp32_gflops', '?')} GFLOP/s fp32, "
-           f"{meta.get('mm_bf16_gflops', '?')} GFLOP/s bf16; copy bandwidth {meta.get('copy_gbps', '?')} GB/s.", "",
+           f"{meta.get('mm_bf16_gflops', '?')} GFLOP/s bf16; OpenVINO MatMul {meta.get('ov_mm_fp32_gops', '?')} fp32, "
+           f"{meta.get('ov_mm_bf16_gops', '?')} bf16, {meta.get('ov_mm_int8_gops', '?')} int8 GOP/s; copy bandwidth "
+           f"{meta.get('copy_gbps', '?')} GB/s.", "",
            "| path | B | T | run s (median) | spread | s/sample | samples/s | ms/step | vs seed | peak MiB | U-Net share "
-           "| U-Net GFLOP/s | of mm rate | warm-up s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| U-Net GFLOP/s | of mm rate | of OV mm rate | warm-up s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pct = lambda k: f"{100 * r[k]:.0f} %" if r.get(k) is not None else "-"  # noqa: E731
         pct1 = lambda k: f"{100 * r[k]:.1f} %" if r.get(k) is not None else "-"  # noqa: E731
@@ -677,7 +728,7 @@ def markdown(meta: dict, build_rows: list, rows: list, extra: list) -> str:
                    f"{fmt_s(r['s_per_sample'])} | {r['samples_per_s']:.3g} | {r['ms_per_step']:.1f} | "
                    f"**{r['vs_seed']:.2f}x** | {r['peak_mem_mib'] if r['peak_mem_mib'] is not None else '-'} | "
                    f"{pct('unet_share')} | {r.get('achieved_gflops', '-')} | {pct1('of_mm_peak')} | "
-                   f"{r['warmup_s']} |")
+                   f"{pct1('of_ov_mm_peak')} | {r['warmup_s']} |")
     out += ["", "| engine dir | backend | precision | verify | build | total s | stages (s) |", "|---|---|---|---|---|---|---|"]
     for r in build_rows:
         if r["kind"] == "build":

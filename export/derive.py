@@ -48,6 +48,10 @@ def make_backend_artefact(directory: Path, manifest: dict, backend: str) -> dict
                 raise BackendUnavailableError(f"{directory} is an fp16 engine and OpenVINO builds fp32 or bf16 on "
                                               f"CPU; build a bf16 or fp32 engine with `ddpm-engine build {directory} "
                                               f"-o DIR --backend openvino --precision bf16`")
+            if precision == "int8":  # quantised and gated at build time only: never derived on load
+                raise EngineFileError(f"{directory} is an int8 engine whose OpenVINO IR is missing; rebuild it with "
+                                      f"`ddpm-engine build {directory} -o {directory} --backend openvino "
+                                      "--precision int8`")
             entry = build_openvino_ir(directory / manifest["artefacts"]["onnx"]["path"], tmp, precision)
         elif backend == "onnxruntime":
             src = manifest["artefacts"].get(f"onnx_{precision}") or manifest["artefacts"]["onnx"]

@@ -110,3 +110,13 @@ def test_choose_is_never_slower_than_fp32():
         chosen = choose(timings, passed)
         assert timings[chosen] <= timings["fp32"] and (chosen == "fp32" or passed[chosen])
         assert timings[chosen] == min(t for p, t in timings.items() if p == "fp32" or passed[p])
+
+
+def test_gate_is_deterministic_so_fp32_and_reduced_runs_are_paired(auto_engine):
+    from ddpm_engine.export import Profile
+    from ddpm_engine.export.quality_gate import gate_rmse
+
+    directory, profile = auto_engine.directory, Profile.from_dict(auto_engine.manifest["profile"])
+    f32 = {"INFERENCE_PRECISION_HINT": "f32"}
+    first, again = (gate_rmse(directory / "model.onnx", f32, profile, GATE) for _ in range(2))
+    assert first == again and np.isfinite(first) and first > 0

@@ -104,7 +104,7 @@ def test_openvino_bf16_stays_within_its_bound(bf16_engine, workload, reference):
 @torch.no_grad()
 def test_openvino_bf16_unet_call_is_within_bf16_rounding(model, bf16_engine, workload):
     bg, _, x_init = workload
-    t = torch.tensor([0.3, 0.7])  # mid-range times: near t = 0 eps is nearly unpredictable and its relative error doubles
+    t = torch.tensor([0.3, 0.7])  # mid-range: near t = 0 eps is nearly unpredictable and its relative error doubles
     x = diffuse(x_init, t, torch.randn(x_init.shape, generator=torch.Generator().manual_seed(0)), CosineSchedule())
     sample = torch.cat([x, bg], 1)
     want = model(sample, t)

@@ -228,9 +228,10 @@ def _open_backend(directory, manifest: dict, backend: str, device: torch.device,
 
         return OnnxRuntimeBackend(path, device, threads=threads)
     if backend == "openvino":
-        from .backend_openvino import OpenVinoBackend
+        from .backend_openvino import OpenVinoBackend, compiled_model_cache
 
-        return OpenVinoBackend(path, entry["compile_config"], threads=threads)
+        return OpenVinoBackend(path, entry["compile_config"], threads=threads,
+                               cache_dir=compiled_model_cache(manifest["cache_key"]))
     from .backend_tensorrt import TensorRTBackend
 
     return TensorRTBackend(path, device)

@@ -11,6 +11,7 @@ import numpy as np
 from .backends import BACKENDS
 from .runner import STEP_IMPLS
 from .samplers import SAMPLERS, SPACINGS
+from .timing import Stopwatch, one_off
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -95,9 +96,16 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, write)
 
 
-def run_sample(args) -> int:
+def _timed_load(args):
+    """(engine, seconds load took): reading and checking the engine directory is a one-off cost of the command."""
     from .api import load
 
+    start = time.perf_counter()
+    engine = load(args.engine, backend=args.backend, step=args.step)
+    return engine, time.perf_counter() - start
+
+
+def run_sample(args) -> int:
     from .reconstruct import load_npy
 
     paths = {"background": args.background, "mask": args.mask, "x-init": args.x_init}
@@ -107,22 +115,22 @@ def run_sample(args) -> int:
         raise ValueError(f"--output must end in .npy, got {out}")
     if args.png and Path(args.png).suffix != ".png":
         raise ValueError(f"--png must end in .png, got {args.png}")
-    engine = load(args.engine, backend=args.backend, step=args.step)
+    engine, load_seconds = _timed_load(args)
     shape = {"batch_size": args.batch_size, "height": args.height, "width": args.width}
-    start = time.perf_counter()
-    x = engine.sample(arrays["background"], mask=arrays["mask"], x_init=arrays["x-init"], timesteps=args.timesteps,
-                      sampler=args.sampler, t_start=args.t_start, t_end=args.t_end, seed=args.seed, eta=args.eta,
-                      tau=args.tau, init=args.init, spacing=args.spacing,
-                      **{k: v for k, v in shape.items() if v is not None})
-    seconds = time.perf_counter() - start
+    with Stopwatch(engine) as watch:
+        x = engine.sample(arrays["background"], mask=arrays["mask"], x_init=arrays["x-init"], timesteps=args.timesteps,
+                          sampler=args.sampler, t_start=args.t_start, t_end=args.t_end, seed=args.seed, eta=args.eta,
+                          tau=args.tau, init=args.init, spacing=args.spacing,
+                          **{k: v for k, v in shape.items() if v is not None})
     x = np.asarray(x)  # numpy in gives numpy out; a model without a background returns a tensor
     _save_npy(out, x)
     if args.png:
         from .image_grid import save_png_grid
 
         save_png_grid(x, args.png)
-    print(f"wrote {out}{' and ' + args.png if args.png else ''} {list(x.shape)} in {seconds:.2f} s ({1000 * seconds / args.timesteps:.1f} ms/step, "
-          f"backend {engine.backend})")
+    print(f"wrote {out}{' and ' + args.png if args.png else ''} {list(x.shape)} in {watch.seconds:.2f} s steady-state "
+          f"({1000 * watch.seconds / args.timesteps:.1f} ms/step, backend {engine.backend}); one-off: "
+          f"{one_off(engine, watch.as_dict(), load_seconds)}")
     return 0
 
 
@@ -142,7 +150,6 @@ def _apply_fast(args) -> None:
 
 
 def run_reconstruct(args) -> int:
-    from .api import load
     from .reconstruct import directory_tiles, real_tiles, reconstruct, save_figure, synthetic_tiles
 
     if args.fast:
@@ -161,7 +168,7 @@ def run_reconstruct(args) -> int:
     else:
         tiles = synthetic_tiles(args.synthetic, args.size)
     tiles = tiles[: args.limit] if args.limit else tiles
-    engine = load(args.engine, backend=args.backend, step=args.step)
+    engine, load_seconds = _timed_load(args)
     results, timing = reconstruct(engine, tiles, samples=args.samples, batch=args.batch, timesteps=args.timesteps,
                                   sampler=args.sampler, seed=args.seed, t_start=args.t_start, init=args.init,
                                   spacing=args.spacing)
@@ -181,8 +188,10 @@ def run_reconstruct(args) -> int:
         extra = (f"  cloud RMSE {row['rmse_c']:.3f} C (background only {row['background_rmse_c']:.3f} C)"
                  if "rmse_c" in row else "")
         print(f"{row['tile']}: {100 * row['cloud_fraction']:.0f}% cloud{extra}")
-    print(f"{timing['tiles']} tile(s) x {args.samples} sample(s), {args.timesteps} {args.sampler} steps, in {timing['seconds']:.1f} s: {timing['seconds_per_tile']:.2f} s/tile, "
-          f"{timing['ms_per_step']:.1f} ms per step (backend {engine.backend})")
+    print(f"{timing['tiles']} tile(s) x {args.samples} sample(s), {args.timesteps} {args.sampler} steps, in "
+          f"{timing['seconds']:.1f} s steady-state: {timing['seconds_per_tile']:.2f} s/tile, "
+          f"{timing['ms_per_step']:.1f} ms per step (backend {engine.backend}); one-off: "
+          f"{one_off(engine, timing, load_seconds)}")
     print(f"outputs in {out}/ ({'npy' if args.no_figures else 'npy + png figures'})")
-    print(json.dumps({"timing": timing, "tiles": summary, "backend": engine.backend}))
+    print(json.dumps({"timing": {**timing, "load_seconds": load_seconds}, "tiles": summary, "backend": engine.backend}))
     return 0

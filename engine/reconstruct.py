@@ -1,7 +1,6 @@
 """The CARE-SST workload: SST under clouds from VIIRS tiles and an OISST background, batched over many tiles."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +9,8 @@ import torch
 from tqdm import tqdm
 
 from ddpm_engine.models.data import Tile, denormalize, load_real_tiles, preprocess, synthetic_tile
+
+from .timing import Stopwatch
 
 
 @dataclass
@@ -72,6 +73,8 @@ def reconstruct(engine, tiles: list[tuple[str, Tile]], samples: int = 1, batch: 
                 progress: bool = True, spacing: str = "time") -> tuple[list[Reconstruction], dict]:
     """Sample every tile `samples` times in batches of up to `batch` rows; returns results and timing.
 
+    timing: steady-state seconds (per tile, per step) apart from the compiles of new shapes (compile_seconds).
+
     t_start < 1 with init="background" is CARE-SST's partial-noise start: diffuse the background to t_start.
     """
     if samples < 1 or batch < 1:
@@ -80,8 +83,8 @@ def reconstruct(engine, tiles: list[tuple[str, Tile]], samples: int = 1, batch: 
         engine.check_image_size(*tile.background.shape[1:])
     rows = [(k, tile) for k, (_, tile) in enumerate(tiles) for _ in range(samples)]
     outputs: dict[int, list[np.ndarray]] = {k: [] for k in range(len(tiles))}
-    start = time.perf_counter()
-    with tqdm(total=len(tiles) * samples, desc="reconstruct", unit="sample", disable=not progress) as bar:
+    with (Stopwatch(engine) as watch,
+          tqdm(total=len(tiles) * samples, desc="reconstruct", unit="sample", disable=not progress) as bar):
         for b, first in enumerate(range(0, len(rows), batch)):
             chunk = rows[first:first + batch]
             sizes = {tuple(t.background.shape) for _, t in chunk}
@@ -94,7 +97,7 @@ def reconstruct(engine, tiles: list[tuple[str, Tile]], samples: int = 1, batch: 
                 for (k, _), out in zip(group, x[:, 0].numpy()):
                     outputs[k].append(out)
                 bar.update(len(group))
-    elapsed = time.perf_counter() - start
+    elapsed = watch.seconds
 
     results = []
     for k, (name, tile) in enumerate(tiles):
@@ -107,7 +110,7 @@ def reconstruct(engine, tiles: list[tuple[str, Tile]], samples: int = 1, batch: 
             std=(np.where(land, np.nan, stack.std(0) * 0.5 * (tile.hi - tile.lo)) if samples > 1 else None),
             observed=np.where(cloud, np.nan, deg(tile.x_init[0].numpy())), background=deg(tile.background[0].numpy()),
             cloud=cloud, truth=None if tile.truth is None else deg(tile.truth[0].numpy())))
-    timing = {"seconds": elapsed, "tiles": len(tiles), "samples": samples, "timesteps": timesteps,
+    timing = {**watch.as_dict(), "tiles": len(tiles), "samples": samples, "timesteps": timesteps,
               "seconds_per_tile": elapsed / max(len(tiles), 1),
               "ms_per_step": 1000 * elapsed / max(timesteps * -(-len(rows) // batch), 1)}
     return results, timing

@@ -1,6 +1,7 @@
 """The Runner: static buffers per (batch, H, W), one U-Net call plus one fused step per timestep, CUDA graphs on GPU."""
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
@@ -74,6 +75,9 @@ class Runner:
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and step == "triton" and backend.capturable
         self.max_buffer_sets, self.debug = max_buffer_sets, debug
         self._sets: OrderedDict[tuple[int, int, int], BufferSet] = OrderedDict()
+        # One-off cost of new buffer sets (OpenVINO compiles the model for each shape here), so callers can report
+        # it apart from the steady-state steps: seconds and binds since the Runner was made.
+        self.compile_seconds, self.compiles = 0.0, 0
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         # The loop runs on a stream of its own: on the default stream TensorRT adds device syncs (and warns).
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -97,6 +101,7 @@ class Runner:
             return self._sets[key]
         if len(self._sets) >= self.max_buffer_sets:
             self._sets.popitem(last=False)
+        start = time.perf_counter()
         dev, io, c = self.device, self.backend.io_dtypes, self.c_out
         state = lambda: torch.zeros(batch, c, height, width, device=dev)  # noqa: E731
         bufs = BufferSet(
@@ -108,6 +113,8 @@ class Runner:
             seed=torch.zeros(1, dtype=torch.int64, device=dev),
         )
         bufs.run_unet = self.backend.bind(bufs.sample, bufs.timestep, bufs.eps)
+        self.compile_seconds += time.perf_counter() - start
+        self.compiles += 1
         self._sets[key] = bufs
         return bufs
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 CLOUD, LAND = 0.0, -999.0  # VIIRS fill values
+OISST_LAND = 0.0  # OISST's land fill: exactly 0 in the cells next to VIIRS land (sst-clear tile 23_82, row 0)
 
 
 def _spectral_field(rng: np.random.Generator, n: int, slope: float, k_min: float = 0.0) -> np.ndarray:
@@ -63,6 +64,29 @@ def cloud_mask(rng: np.random.Generator, size: int = 64, cover: tuple[float, flo
     return (field > np.quantile(field, 1.0 - frac)).astype(np.float32)
 
 
+def fill_oisst_land(oisst: np.ndarray) -> np.ndarray:
+    """OISST with its land cells (exactly 0) filled by the mean of their valid 8-neighbours, growing inward.
+
+    A 0 degC cell would otherwise be interpolated into the sea as a cold background, and set the tile's min-max
+    range (one real tile went from 4 to 28.6 degC wide, squeezing its SST into a seventh of [-1, 1]).
+    """
+    out = np.asarray(oisst, dtype=np.float32).copy()
+    gap = out == OISST_LAND
+    if gap.all():
+        raise ValueError("the OISST tile is all land (0): no background to fill from")
+    while gap.any():
+        vals = np.pad(np.where(gap, 0.0, out), 1)
+        valid = np.pad((~gap).astype(np.float32), 1)
+        h, w = out.shape
+        shifts = [(i, j) for i in range(3) for j in range(3) if (i, j) != (1, 1)]
+        total = sum(vals[i:i + h, j:j + w] for i, j in shifts)
+        count = sum(valid[i:i + h, j:j + w] for i, j in shifts)
+        edge = gap & (count > 0)  # gap cells touching a valid one: filled this round
+        out[edge] = total[edge] / count[edge]
+        gap &= ~edge
+    return out
+
+
 def minmax_range(background: np.ndarray) -> tuple[float, float]:
     """The per-tile normalisation range: the background's min and max (CARE-SST)."""
     lo, hi = float(np.min(background)), float(np.max(background))
@@ -99,13 +123,15 @@ class Tile:
 
 
 def preprocess(viirs: np.ndarray, oisst: np.ndarray) -> Tile:
-    """CARE-SST preprocessing of a real pair: VIIRS 0 = cloud, -999 = land; min-max by the OISST tile's range."""
+    """CARE-SST preprocessing of a real pair: VIIRS 0 = cloud, -999 = land, OISST 0 = land (filled); min-max by the
+    OISST tile's range."""
     viirs = np.asarray(viirs, dtype=np.float32)
     oisst = np.asarray(oisst, dtype=np.float32)
     if viirs.shape != oisst.shape or viirs.ndim != 2:
         raise ValueError(f"viirs and oisst must be 2-D arrays of one shape, got {viirs.shape} and {oisst.shape}")
     land = viirs <= LAND + 0.5
     cloud = (viirs == CLOUD) & ~land
+    oisst = fill_oisst_land(oisst)
     lo, hi = minmax_range(oisst)
     bg = normalize(oisst, lo, hi)
     # Gaps take the background value: known-pixel blending then holds land at the background, and the

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import CLOUD, LAND, Tile, normalize, preprocess
+from .data import CLOUD, LAND, Tile, fill_oisst_land, normalize, preprocess
 
 
 def _load(path: Path) -> np.ndarray:
@@ -29,8 +29,9 @@ def clear_tile_days(root: str | Path) -> list[tuple[str, np.ndarray, np.ndarray]
         viirs, oisst = _load(v), _load(o)
         if viirs.ndim != 3 or oisst.ndim != 3:
             raise ValueError(f"{v} and {o} must be [H, W, days] and [h, w, 1] arrays, got {viirs.shape} and {oisst.shape}")
-        # OISST is at its native 0.25 degrees here: resize it to the VIIRS grid, as the cloudy tiles already are.
-        grid = torch.from_numpy(oisst[..., 0])[None, None]
+        # OISST is at its native 0.25 degrees here: resize it to the VIIRS grid, as the cloudy tiles already are,
+        # after filling its land cells, which bilinear resizing would otherwise smear into the sea.
+        grid = torch.from_numpy(fill_oisst_land(oisst[..., 0]))[None, None]
         background = F.interpolate(grid, size=viirs.shape[:2], mode="bilinear", align_corners=False)[0, 0].numpy()
         days += [(f"{v.stem}_day{d}", viirs[..., d], background) for d in range(viirs.shape[2])]
     if not days:

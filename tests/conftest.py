@@ -44,6 +44,14 @@ def shared_data():
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compiled_model_cache(tmp_path_factory):
+    """OpenVINO's compiled models cached in a temporary folder, not the user's ~/.cache (tests may set their own)."""
+    from ddpm_engine.engine.backend_openvino import CACHE_ENV
+
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("compiled-model-cache"))
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread (and one verification thread) for tests of small tensors: on 2 shared cores a second

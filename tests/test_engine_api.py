@@ -45,8 +45,11 @@ def test_parity_mode_equals_the_reference_loop(engine):
                                spacing=spacing, generator=torch.Generator().manual_seed(4))
         got = engine.sample(bg, mask=mask, x_init=x_init, timesteps=10, sampler=sampler, spacing=spacing,
                             generator=torch.Generator().manual_seed(4))
+        # The untrained model drives states to ~400, where float32 rounding in the step's operation order differs
+        # from the reference's: measured 1.2e-6 of the largest value (dpmpp-2m-sde, AVX-512 Intel CPU), below 1e-6
+        # on an AVX2 AMD CPU. A wrong coefficient moves it by orders of magnitude more.
         scale = ref.abs().max().item()
-        assert (got - ref).abs().max().item() <= 1e-6 * max(1.0, scale)
+        assert (got - ref).abs().max().item() <= 1.5e-6 * max(1.0, scale)
 
 
 @pytest.mark.parametrize("sampler", ["dpmpp-2m", "dpmpp-2m-sde"])

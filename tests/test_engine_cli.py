@@ -1,7 +1,9 @@
 """`ddpm-engine sample` and `reconstruct`: outputs on disk, one-line errors with exit code 2, no traceback."""
 import json
+import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -27,7 +29,9 @@ def test_sample_writes_what_the_api_returns(tiny_engine_dir, arrays, tmp_path, c
     out = tmp_path / "x.npy"
     code = main(["sample", str(tiny_engine_dir), "--background", str(arrays["bg"]), "--mask", str(arrays["mask"]),
                  "--x-init", str(arrays["x_init"]), "--timesteps", "4", "--seed", "3", "-o", str(out)])
-    assert code == 0 and "wrote" in capsys.readouterr().out
+    assert code == 0
+    assert re.search(r"wrote .* steady-state .*; one-off: load [\d.]+ s, compile [\d.]+ s for 1 shape\(s\)$",
+                     capsys.readouterr().out.strip())
     want = load(tiny_engine_dir).sample(np.load(arrays["bg"]), mask=np.load(arrays["mask"]),
                                         x_init=np.load(arrays["x_init"]), timesteps=4, seed=3)
     np.testing.assert_array_equal(np.load(out), want)
@@ -59,6 +63,30 @@ def test_reconstruct_synthetic_tiles_writes_arrays_figures_and_a_summary(tiny_en
         assert mean.shape == (H, W) and np.isfinite(mean).all()
         assert np.load(tmp_path / "rec" / f"{name}_std.npy").shape == (H, W)
         assert (tmp_path / "rec" / f"{name}.png").stat().st_size > 1000
+
+
+def test_reconstruct_reports_compiles_apart_from_the_steady_state_steps(tiny_engine_dir, tmp_path, capsys,
+                                                                        monkeypatch):
+    from ddpm_engine.engine.backend_onnxruntime import OnnxRuntimeBackend
+
+    bind = OnnxRuntimeBackend.bind
+
+    def slow_bind(self, *buffers):  # a compile as slow as OpenVINO's at 300x300 on 2 cores
+        time.sleep(1.0)
+        return bind(self, *buffers)
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "bind", slow_bind)
+    # 3 tiles x 2 samples in batches of 4: rows 4 + 2, two shapes to compile.
+    code = main(["reconstruct", str(tiny_engine_dir), "--synthetic", "3", "--size", "16", "--samples", "2",
+                 "--batch", "4", "--timesteps", "3", "--no-figures", "-o", str(tmp_path / "rec")])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0
+    timing = json.loads(out[-1])["timing"]
+    assert timing["shapes_compiled"] == 2 and timing["compile_seconds"] >= 2.0 and timing["load_seconds"] > 0
+    assert timing["seconds"] < 1.0  # the sleeps are not in the steady-state time (a few 16x16 steps: ~0.1 s)
+    assert timing["ms_per_step"] == pytest.approx(1000 * timing["seconds"] / (3 * 2))
+    line = next(row for row in out if "steady-state" in row)
+    assert f"compile {timing['compile_seconds']:.1f} s for 2 shape(s)" in line and "one-off: load" in line
 
 
 def test_reconstruct_fast_is_the_measured_sampler_steps_and_start(tiny_engine_dir, tmp_path, capsys):

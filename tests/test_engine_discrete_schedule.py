@@ -124,7 +124,8 @@ def test_dpmpp_rows_equal_diffusers_dpm_solver_step_for_step(sampler, beta_sched
         states, outputs, noises = random_steps(steps, seed=steps)
         theirs = [d.step(o, t, x, variance_noise=z if algorithm.startswith("sde") else None).prev_sample
                   for x, o, z, t in zip(states, outputs, noises, d.timesteps)]
-        assert max_step_error(table_steps(table, states, outputs, noises), theirs) < 1e-6  # measured 8.1e-7
+        # Measured 8.1e-7 (AVX2 AMD CPU) and 1.54e-6 (AVX-512 Intel CPU); the issue asks for 1e-5.
+        assert max_step_error(table_steps(table, states, outputs, noises), theirs) < 2e-6
 
 
 def test_dpmpp_history_is_what_makes_the_middle_steps_second_order():

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from ddpm_engine.engine import build, load, reference_sample
+from ddpm_engine.engine import CosineSchedule, build, load, reference_sample
+from ddpm_engine.engine.schedule import diffuse
 from ddpm_engine.export.openvino_build import cpu_supports
 from ddpm_engine.models import load_model
 from ddpm_engine.models.data import synthetic_tile
@@ -68,19 +69,51 @@ def test_openvino_fp32_matches_reference_sample(engine_dir, workload, reference)
     assert err32 <= 1e-4
 
 
-@pytest.mark.skipif(not cpu_supports("bf16"), reason="this CPU has no native bf16 (AVX-512 BF16 or AMX): OpenVINO "
-                    "would run the bf16 engine in fp32")
-def test_openvino_bf16_stays_within_its_bound(model, workload, reference, tmp_path):
+needs_native_bf16 = pytest.mark.skipif(
+    not cpu_supports("bf16"), reason="this CPU has no native bf16 (AVX-512 BF16 or AMX): OpenVINO would run the bf16 "
+    "engine in fp32")
+
+
+@pytest.fixture(scope="module")
+def bf16_engine(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bf16") / "sst-small"
+    build(model, out, backend="openvino", precision="bf16", batch=(1, 2, 4), size=((16, 16), (SIZE, SIZE), (64, 64)))
+    return load(out)
+
+
+# Bounds below: benchmarks/bench_bf16_spread.py, 12 noise seeds, on an Intel Xeon with AVX-512 BF16 and AMX
+# (OpenVINO 2026.4, load average 5-8 on 2 shared cores; OpenVINO fp32 stayed within 5e-6 / 3e-7 relative).
+
+
+@needs_native_bf16
+def test_openvino_bf16_stays_within_its_bound(bf16_engine, workload, reference):
     bg, mask, x_init = workload
-    bf16_dir = tmp_path / "bf16"
-    build(model, bf16_dir, backend="openvino", precision="bf16", batch=(1, 2, 4),
-          size=((16, 16), (SIZE, SIZE), (64, 64)))
-    bf16 = load(bf16_dir).sample(bg, mask=mask, x_init=x_init, timesteps=T, generator=torch.Generator().manual_seed(0))
+    bf16 = bf16_engine.sample(bg, mask=mask, x_init=x_init, timesteps=T, generator=torch.Generator().manual_seed(0))
     err16 = (bf16 - reference).abs().max().item()
     rms16 = (bf16 - reference).pow(2).mean().sqrt().item()
     print(f"openvino bf16: max err {err16:.3f}, rms {rms16:.4f} (data range [-1, 1])")
-    # bf16 keeps 8 bits of mantissa: 50 steps of the loop amplify its ~4e-3 relative error in eps_hat. Two runs on
-    # an AVX-512 BF16 CPU measured max 0.029 / rms 0.0039 and max 0.039 / rms 0.0048 on the normalised [-1, 1]
-    # scale; the bound is 1.5x the larger (eps scaled by 1.02 in the bf16 path gave 0.16 / 0.013 there).
-    assert rms16 <= 0.0075 and err16 <= 0.06
-    assert err16 > 1e-3  # reduced precision really ran (fp32 stays within 1e-4)
+    # bf16 keeps 8 bits of mantissa, and 50 stochastic steps amplify its ~0.7 % error in eps_hat unevenly: over 12
+    # noise seeds on these tiles the max error measured 0.036-0.206 (median 0.067) and the rms 0.0070-0.0223
+    # (median 0.0100); the bound is 1.2x the worst. A 2 % error in eps (0.11-0.23 / 0.013-0.021 at seeds 0-2) stays
+    # inside this spread: the one-call test below is the one that catches it.
+    assert rms16 <= 0.027 and err16 <= 0.25
+    assert err16 > 0.01  # reduced precision really ran (bf16 measured >= 0.023, fp32 <= 5e-6)
+
+
+@needs_native_bf16
+@torch.no_grad()
+def test_openvino_bf16_unet_call_is_within_bf16_rounding(model, bf16_engine, workload):
+    bg, _, x_init = workload
+    t = torch.tensor([0.3, 0.7])  # mid-range: near t = 0 eps is nearly unpredictable and its relative error doubles
+    x = diffuse(x_init, t, torch.randn(x_init.shape, generator=torch.Generator().manual_seed(0)), CosineSchedule())
+    sample = torch.cat([x, bg], 1)
+    want = model(sample, t)
+    bufs = bf16_engine.runner.buffers(BATCH, SIZE, SIZE)
+    bufs.sample.copy_(sample)
+    bufs.timestep.copy_(t)
+    bufs.run_unet()
+    rel = ((bufs.eps - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt()).item()
+    print(f"openvino bf16, one U-Net call: rms error {rel:.2e} of rms(eps)")
+    # Measured 0.0064-0.0070 (median 0.0067) over 12 noise seeds on these and on 12 other tile pairs; the bound is
+    # 1.2x the worst, so eps off by 2 % (0.021) fails it.
+    assert 1e-3 < rel <= 0.0085  # above 1e-3: reduced precision really ran (fp32 measured 2.6e-7)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ddpm_engine.engine.cli import main
-from ddpm_engine.models.data import CLOUD, denormalize
+from ddpm_engine.models.data import CLOUD, OISST_LAND, denormalize, fill_oisst_land, preprocess
 from ddpm_engine.models.evaluate import _rmse_under_clouds
 from ddpm_engine.models.real_data import RealCrops, clear_tile_days, cloud_masks, hide_under_mask, holdout_real_tiles
 
@@ -21,6 +21,21 @@ def test_clear_tile_days_pair_each_day_with_its_resized_background(shared_data):
         assert sea.mean() > 0.9  # nearly clear
         # The resized OISST is a background for the same water: within a few degrees everywhere.
         assert np.abs(viirs[sea] - oisst[sea]).mean() < 1.5, name
+        # OISST's land cells (0) are filled, not smeared into the sea: the background's range is the sea's.
+        assert oisst.min() > viirs[sea].min() - 2.0 and oisst.max() - oisst.min() < 6.0, name
+
+
+def test_oisst_land_cells_take_their_sea_neighbours_values_and_never_set_the_range():
+    oisst = np.full((4, 5), 20.0, np.float32)
+    oisst[:, 0] = 18.0
+    oisst[0, 1:4] = OISST_LAND  # a coast along the top edge, as in sst-clear tile 23_82
+    filled = fill_oisst_land(oisst)
+    assert filled.min() >= 18.0 and np.array_equal(filled[1:], oisst[1:])
+    assert filled[0, 1] == pytest.approx((18.0 + 18.0 + 20.0 + 20.0) / 4)  # its valid neighbours, averaged
+    tile = preprocess(np.full((4, 5), 21.0, np.float32), oisst)
+    assert (tile.lo, tile.hi) == (18.0, 20.0)
+    with pytest.raises(ValueError, match="all land"):
+        fill_oisst_land(np.zeros((3, 3), np.float32))
 
 
 def test_hidden_pixels_are_scored_with_their_truth_and_never_shown_to_the_model():

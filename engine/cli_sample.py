@@ -76,9 +76,9 @@ def register(subparsers) -> None:
     r.add_argument("--init", choices=("noise", "background"), default="noise",
                    help="start from pure noise, or from the background diffused to --t-start")
     r.add_argument("--fast", action="store_true",
-                   help=f"the measured fast setting: {FAST['sampler']} with {FAST['timesteps']} steps from the background "
-                   f"diffused to t = {FAST['t_start']} (within 2 %% of 100-step DDPM's cloud RMSE, about 20x less time; "
-                   "benchmarks/RESULTS.md 'Steps against quality')")
+                   help=f"the measured fast setting: {FAST['sampler']} with {FAST['timesteps']} steps from the "
+                   f"background diffused to t = {FAST['t_start']} (within 2 %% of 100-step DDPM's cloud RMSE on real "
+                   "300x300 tiles; benchmarks/RESULTS.md 'Steps against quality')")
     r.add_argument("--batch", type=int, default=8, help="rows per engine call (tiles x samples)")
     r.add_argument("--limit", type=int, default=None, help="use only the first N tiles")
     r.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
@@ -134,9 +134,10 @@ def run_sample(args) -> int:
     return 0
 
 
-# `reconstruct --fast`: the fewest steps within 2 % of 100-step DDPM from the main job's start, as measured by
-# benchmarks/bench_quality.py on real and synthetic tiles (RESULTS.md "Steps against quality").
-FAST = {"sampler": "dpmpp-2m-sde", "timesteps": 5, "t_start": 0.5, "init": "background"}
+# `reconstruct --fast`: the fewest steps within 2 % of 100-step DDPM from the main job's start on whole 300x300
+# real tiles (`evaluate --real`, 8 cases x 4 samples: 10 steps +1.6 %, 5 steps +3.9 %; on 64x64 crops 5 steps
+# already came within 2 %), RESULTS.md "Steps against quality".
+FAST = {"sampler": "dpmpp-2m-sde", "timesteps": 10, "t_start": 0.5, "init": "background"}
 _FAST_DEFAULTS = {"sampler": None, "timesteps": 100, "t_start": 1.0, "init": "noise"}
 
 

@@ -92,13 +92,13 @@ def test_reconstruct_reports_compiles_apart_from_the_steady_state_steps(tiny_eng
 def test_reconstruct_fast_is_the_measured_sampler_steps_and_start(tiny_engine_dir, tmp_path, capsys):
     common = ["reconstruct", str(tiny_engine_dir), "--synthetic", "1", "--size", "16", "--no-figures"]
     assert main([*common, "--fast", "-o", str(tmp_path / "fast")]) == 0
-    assert "5 dpmpp-2m-sde steps" in capsys.readouterr().out
-    assert main([*common, "--sampler", "dpmpp-2m-sde", "--timesteps", "5", "--t-start", "0.5", "--init", "background",
+    assert "10 dpmpp-2m-sde steps" in capsys.readouterr().out
+    assert main([*common, "--sampler", "dpmpp-2m-sde", "--timesteps", "10", "--t-start", "0.5", "--init", "background",
                  "-o", str(tmp_path / "explicit")]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "fast" / "synthetic_0.npy"),
                                   np.load(tmp_path / "explicit" / "synthetic_0.npy"))
     assert main([*common, "--fast", "--timesteps", "50", "-o", str(tmp_path / "x")]) == 2
-    assert "--fast sets --timesteps 5; drop --timesteps 50" in capsys.readouterr().err
+    assert "--fast sets --timesteps 10; drop --timesteps 50" in capsys.readouterr().err
 
 
 def test_reconstruct_real_viirs_tiles_marks_land_as_nan(tiny_engine_dir, tmp_path, capsys):

@@ -180,7 +180,7 @@ def _stage_keys(desc: dict, profile: Profile, precision: str, io_precision: str,
     onnx_key = sha256_json({**base, "opset": opset, "dynamic_hw": dynamic_hw, "profile": profile.as_dict(),
                             "external": external_data_threshold, "torch": libs["torch"], "onnx": libs["onnx"],
                             "verify": verify, "ort": libs["onnxruntime"],
-                            **({"simplify": _onnxslim_version()} if simplify else {})})
+                            **({"simplify": _version("onnxslim")} if simplify else {})})
     prec_key = sha256_json({"onnx": onnx_key, "precision": precision, "io": io_precision, "verify": verify,
                             "tolerance": tolerance, "ort": libs["onnxruntime"], "ov": libs["openvino"]})
     keys = {"torch": sha256_json(base), "onnx": onnx_key, f"onnx_{precision}": prec_key,
@@ -198,10 +198,6 @@ def _stage_keys(desc: dict, profile: Profile, precision: str, io_precision: str,
                                 else []) + ([backend] if backend != "torch" else [])
     keys["cache_key"] = sha256_json({"keys": {k: keys[k] for k in used}, "backend": backend, "precision": precision})
     return keys
-
-
-def _onnxslim_version() -> str | None:
-    return _version("onnxslim")
 
 
 def _io_section(desc: dict, precision: str, io_precision: str, dynamic_hw: bool) -> dict:

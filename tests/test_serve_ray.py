@@ -110,8 +110,13 @@ def test_ray_queue_is_bounded(ray_server):
     barrier = threading.Barrier(n)
 
     def call(_):
-        barrier.wait()
-        return httpx.post(base + "/v2/models/tiny/infer", content=content, headers=headers, timeout=120).status_code
+        # Connect before the barrier, so the posts arrive together rather than spread over the time it takes 40
+        # threads on 2 cores to open connections (on a fast machine the first requests finished within that
+        # spread and every one got 200).
+        with httpx.Client(timeout=120) as client:
+            client.get(base + "/v2/health/ready")
+            barrier.wait()
+            return client.post(base + "/v2/models/tiny/infer", content=content, headers=headers).status_code
 
     with concurrent.futures.ThreadPoolExecutor(n) as pool:
         codes = list(pool.map(call, range(n)))

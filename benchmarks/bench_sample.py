@@ -65,6 +65,7 @@ sys.path.insert(0, str(HERE))
 from bench_step import copy_bandwidth_gbps, cpu_time_ms, paths_for, step_bytes  # noqa: E402
 
 from ddpm_engine.engine import CosineSchedule, build, load, reference_sample  # noqa: E402
+from ddpm_engine.export.quality_gate import summary as gate_summary  # noqa: E402
 from ddpm_engine.models import PRESETS, build_model, load_model  # noqa: E402
 from ddpm_engine.models.data import synthetic_tile  # noqa: E402
 
@@ -533,10 +534,8 @@ def main(argv=None) -> int:
             print(f"{r['engine']:>14} {r['backend']:>12} {r['precision']:>5} {'':>6} {'load':>7} {r['total_s']:>8.2f}"
                   "  (load: open + compile the artefact for this machine)")
     for r in build_rows:
-        g = r.get("quality_gate")
-        if g and r["attempt"] == "cold":
-            print(f"# quality gate ({r['precision']}): cloud RMSE {g['rmse']:.4f} C vs fp32 {g['rmse_fp32']:.4f} C, "
-                  f"{100 * g['relative_difference']:.2f} % apart: {'passed' if g['passed'] else 'refused'}")
+        if r.get("quality_gate") and r["attempt"] == "cold":
+            print(f"# quality gate {gate_summary(r['quality_gate'])}")
 
     # ---- machine rates ------------------------------------------------------------------------------------
     rates = {}

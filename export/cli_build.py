@@ -87,7 +87,7 @@ def _arch_model(spec: str, seed: int):
 def run(args) -> int:
     """Build and print one line per stage with its time, then a summary."""
     from .build import build
-    from .quality_gate import GateSettings
+    from .quality_gate import GateSettings, summary
 
     if args.arch and args.model:
         raise ValueError("give MODEL or --arch, not both")
@@ -122,9 +122,7 @@ def run(args) -> int:
                   f"{v['runtime']})")
     ov = m["artefacts"].get("openvino")
     if ov and ov.get("quality_gate"):
-        g = ov["quality_gate"]
-        print(f"  quality gate: cloud RMSE {g['rmse']:.4f} C ({g['precision']}) vs {g['rmse_fp32']:.4f} C (fp32), "
-              f"{100 * g['relative_difference']:.2f} % apart (tolerance {100 * g['settings']['tolerance']:g} %)")
+        print(f"  quality gate {summary(ov['quality_gate'])}")
     if ov and ov["precision"] != "fp32" and not ov["native"]:
         print(f"  note: this CPU has no native {ov['precision']} (AVX-512 BF16 or AMX), so OpenVINO runs this engine in "
               f"fp32 here; it runs {ov['precision']} on CPUs that have it")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from .quality_gate import summary
+
 
 def register(subparsers) -> None:
     """Add the `info` subcommand."""
@@ -63,10 +65,8 @@ def format_manifest(m: dict, directory=None) -> str:
                          f"{simp['ort_ms_before']} -> {simp['ort_ms_after']} ms: {'kept' if simp['kept'] else 'not kept'}")
         if e.get("note"):
             lines.append(f"  {'':<12} note: {e['note']}")
-        g = e.get("quality_gate")
-        if g:
-            lines.append(f"  {'':<12} quality gate: cloud RMSE {g['rmse']:.4f} C vs fp32 {g['rmse_fp32']:.4f} C, "
-                         f"{100 * g['relative_difference']:.2f} % apart (tolerance {100 * g['settings']['tolerance']:g} %)")
+        if e.get("quality_gate"):
+            lines.append(f"  {'':<12} quality gate {summary(e['quality_gate'])}")
     choice = m.get("precision_choice")
     if choice:
         shape = choice["shape"]

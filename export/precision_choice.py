@@ -60,7 +60,7 @@ def measured_openvino_artefact(stage, onnx_name: str, profile, precision: str, c
     where native, int8 where the gate applies: timed, and the fastest that passes kept). Files of the candidates
     not kept are removed from the staging dir. Returns (manifest entry without hashes, the auto choice's record)."""
     from .openvino_build import build_openvino_ir, cpu_supports
-    from .quality_gate import QualityGateError, gate_applies, gate_rmse, judge, refusal
+    from .quality_gate import QualityGateError, gate_applies, gate_rmse, judge, refusal, summary
     from .quantize import quantize_openvino_ir
 
     applies = gate_applies(c_in, c_out)
@@ -83,9 +83,7 @@ def measured_openvino_artefact(stage, onnx_name: str, profile, precision: str, c
             if name != "fp32":
                 gates[name] = judge(name, "openvino", gate_rmse(stage / entry["path"], entry["compile_config"],
                                                                  profile, gate), rmse_fp32, gate)
-                g = gates[name]
-                note(f"  quality gate {name}: cloud RMSE {g['rmse']:.4f} C vs fp32 {g['rmse_fp32']:.4f} C "
-                     f"({100 * g['relative_difference']:.2f} % apart): {'passed' if g['passed'] else 'refused'}")
+                note(f"  quality gate {summary(gates[name])}")
     choice = None
     if precision == "int8":
         if not gates["int8"]["passed"]:

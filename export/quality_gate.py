@@ -64,6 +64,14 @@ def judge(precision: str, backend: str, rmse: float, rmse_fp32: float, settings:
             "relative_difference": round(rel, 6), "passed": rel <= settings.tolerance, "settings": settings.as_dict()}
 
 
+def summary(record: dict) -> str:
+    """'int8: cloud RMSE 0.7646 C vs fp32 0.7639 C, 0.10 % apart (tolerance 1 %): passed', for build, info and
+    benchmark output."""
+    return (f"{record['precision']}: cloud RMSE {record['rmse']:.4f} C vs fp32 {record['rmse_fp32']:.4f} C, "
+            f"{100 * record['relative_difference']:.2f} % apart (tolerance {100 * record['settings']['tolerance']:g} "
+            f"%): {'passed' if record['passed'] else 'refused'}")
+
+
 def refusal(record: dict) -> str:
     """One message naming the precision, the backend and the measured RMSEs of an artefact the gate refused."""
     s = record["settings"]

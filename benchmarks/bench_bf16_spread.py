@@ -58,11 +58,7 @@ def call_error(engine, model, bg, x_init, seed: int) -> float:
     x = diffuse(x_init, t, torch.randn(x_init.shape, generator=torch.Generator().manual_seed(seed)), CosineSchedule())
     sample = torch.cat([x, bg], 1)
     ref = model(sample, t)
-    bufs = engine.runner.buffers(*sample.shape[:1], *sample.shape[2:])
-    bufs.sample.copy_(sample)
-    bufs.timestep.copy_(t)
-    bufs.run_unet()
-    return ((bufs.eps - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+    return ((engine.runner.predict_eps(sample, t) - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
 
 
 def spread(values: list[float]) -> dict:

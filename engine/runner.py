@@ -118,6 +118,14 @@ class Runner:
         self._sets[key] = bufs
         return bufs
 
+    def predict_eps(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """One U-Net call through the bound buffers, eps = model(sample, t): what a step sees, for accuracy checks."""
+        bufs = self.buffers(sample.shape[0], *sample.shape[2:])
+        bufs.sample.copy_(sample)
+        bufs.timestep.copy_(timestep)
+        bufs.run_unet()
+        return bufs.eps.clone()
+
     def _rows(self, bufs: BufferSet, table: StepTable) -> torch.Tensor:
         # One persistent rows buffer per T: a captured graph reads its address, so new tables are copied in.
         rows = bufs.rows.get(table.timesteps)

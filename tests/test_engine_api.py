@@ -189,3 +189,12 @@ def test_reduced_precision_io_gets_buffers_in_the_declared_dtypes(tmp_path, engi
     with pytest.raises(ValueError, match="buffer 'timestep' is torch.float32 on cpu, but the artefact declares "
                                          "torch.float16"):
         half.runner.backend.bind(bufs.sample, torch.zeros(2), bufs.eps)
+
+
+@torch.no_grad()
+def test_predict_eps_is_one_unet_call_through_the_bound_buffers(engine):
+    bg, x_init, _ = inputs()
+    sample, t = torch.cat([x_init, bg], 1), torch.tensor([0.3, 0.7])
+    eps = engine.runner.predict_eps(sample, t)
+    flipped = engine.runner.predict_eps(sample, t.flip(0))  # overwrites the buffers: eps must be a copy
+    assert torch.equal(eps, engine.runner.backend.model(sample, t)) and not torch.equal(eps, flipped)

@@ -135,7 +135,7 @@ def test_engine_equals_diffusers_loop_with_the_same_generator(engines, unet, nam
     samplers (DDIM eta 0, DPM-Solver++) divide by sqrt(abar) ~ 6e-3 in their first steps, so one ulp of x_T moves
     diffusers' own result by 5e-5..8e-5. Measured engine vs diffusers on an AVX2 AMD CPU / an AVX-512 Intel CPU:
     DDPM 3e-6 / 3e-6 (cos-v 8e-6 / 7e-6, trailing fixed_large 3e-6 / 4e-6), DDIM eta 0.5 1.0e-5 / 1.3e-5 (floor
-    below 1e-5 / 1.39e-5), DDIM eta 0 2.1e-5 / 1.7e-5 (floor 5.2e-5 / 2.8e-5), trailing DDIM 5.3e-5 / 3.6e-5
+    below 1e-5 / 1.39e-5; 1.53e-5 on an AVX-512 AMD CPU), DDIM eta 0 2.1e-5 / 1.7e-5 (floor 5.2e-5 / 2.8e-5), trailing DDIM 5.3e-5 / 3.6e-5
     (floor 6.5e-5 / 1.1e-4), DPM-Solver++(2M) 9.2e-5 / 1.07e-4 (floor 7.6e-5 / 9.2e-5); the rows themselves agree
     step for step to 3e-7 (test_engine_discrete_schedule.py)."""
     pipe, engine_dir = engines(name)
@@ -147,7 +147,7 @@ def test_engine_equals_diffusers_loop_with_the_same_generator(engines, unet, nam
     floor = rounding_floor(args, unet_call(unet))
     assert (ours - theirs).abs().max().item() < max(1e-5, 2 * floor)
     if sampler != "dpmpp-2m" and eta != 0.0:  # the stochastic samplers: the noise keeps the floor low
-        assert floor < 1.5e-5
+        assert floor < 1.6e-5
     assert same_stream  # the engine drew exactly as many numbers as diffusers, no more (DDPM skips t = 0)
     assert ours.abs().max() > 0.1  # a real sample, not a collapsed one
 

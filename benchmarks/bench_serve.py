@@ -7,12 +7,14 @@ Arrivals are a Poisson process (exponential gaps, --rate per second, a fixed --s
 none after --max-seconds; each request asks for one of --classes step counts (uniformly), with its own background
 tile and seed. The same arrival schedule is replayed against `ddpm-engine serve --batching request` (whole
 requests with equal settings share one sampling call) and `--batching step` (requests join and leave the running
-batch between U-Net steps), each a server process of its own on loopback. Open loop: a request is sent at its
+batch between U-Net steps, shortest remaining work first, at most the measured step rows per step), each a server
+process of its own on loopback. A mode `step:N` serves with `--step-rows N` instead of the measured rows. Open loop: a request is sent at its
 arrival time whatever the earlier ones are doing, so latency (arrival to reply) includes all queueing.
 
 Reported per mode: per class the count, p50 / p99 / max latency; overall throughput (replies per second and
 request-steps per second, over first arrival to last reply); refusals (503) and errors. Then the ratio of the
-20-step class's p99 (request / step). Prints a table and one line "JSON {...}"; --plot writes latency CDFs.
+20-step class's p99 (request / step), and the step rows each step server measured (its /metrics). Prints a
+table and one line "JSON {...}"; --plot writes latency CDFs.
 Never collected by pytest.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -33,13 +36,15 @@ MODES = ("request", "step")
 
 
 def start_server(engine_dir: str, mode: str, threads: int, max_batch: int | None, timeout_s: float):
-    """`ddpm-engine serve --batching MODE` on a free loopback port, once ready: (base URL, model name, process)."""
+    """`ddpm-engine serve --batching MODE` on a free loopback port, once ready: (base URL, process)."""
+    batching, _, step_rows = mode.partition(":")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "ddpm_engine.engine.cli", "serve", engine_dir, "--port", str(port), "--name",
-           "bench", "--batching", mode, "--threads", str(threads), "--max-queue", "1000", "--timeout-s",
-           str(timeout_s), "--log-level", "warning"] + (["--max-batch", str(max_batch)] if max_batch else [])
+           "bench", "--batching", batching, "--threads", str(threads), "--max-queue", "1000", "--timeout-s",
+           str(timeout_s), "--log-level", "warning"] + (["--max-batch", str(max_batch)] if max_batch else []) + (
+        ["--step-rows", step_rows] if step_rows else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     json.loads(proc.stdout.readline())  # the "serving" line
     base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
@@ -92,6 +97,12 @@ def run_mode(base: str, plan, size, timeout_s: float) -> list[dict]:
         return [f.result() for f in futures]
 
 
+def step_rows(base: str) -> dict:
+    """{size: rows per step} from a step server's ddpm_engine_step_rows gauge (empty for request batching)."""
+    text = httpx.get(base + "/metrics").text
+    return {m[0]: int(float(m[1])) for m in re.findall(r'^ddpm_engine_step_rows{size="([^"]+)"} (\S+)$', text, re.M)}
+
+
 def summarise(results: list[dict], plan, classes: list[int]) -> dict:
     ok = [r for r in results if r["status"] == 200]
     span = max(r["done"] for r in ok) - plan[0][0] if ok else float("nan")
@@ -118,7 +129,8 @@ def plot(all_results: dict, classes: list[int], path: str) -> None:
             lat = np.sort([r["latency"] for r in results if r["status"] == 200 and r["steps"] == c])
             if lat.size:
                 ax.step(lat, np.arange(1, lat.size + 1) / lat.size, where="post", color=colour,
-                        linestyle="-" if mode == "step" else "--", label=f"{mode}, {c} steps")
+                        linestyle="--" if mode == "request" else "-" if mode == "step" else ":",
+                        label=f"{mode}, {c} steps")
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decade labels only: minor ones overlap
     ax.set_xlabel("latency, arrival to reply (s)")
@@ -136,7 +148,8 @@ def main(argv=None) -> int:
     p.add_argument("--count", type=int, default=40, help="most requests per mode")
     p.add_argument("--max-seconds", type=float, default=120.0, help="no arrivals after this many seconds")
     p.add_argument("--classes", default="20,50,100", help="step counts of the request classes")
-    p.add_argument("--modes", default=",".join(MODES), help="batching modes to compare, in this order")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="batching modes to compare, in this order: request, step, step:N (N step rows)")
     p.add_argument("--threads", type=int, default=1, help="the server's backend threads")
     p.add_argument("--max-batch", type=int, default=None, help="slots / batch rows (default: the engine's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the arrival process")
@@ -149,8 +162,8 @@ def main(argv=None) -> int:
     size = (args.size, args.size) if args.size else (profile["height"]["min"], profile["width"]["min"])
     classes = [int(c) for c in args.classes.split(",")]
     modes = args.modes.split(",")
-    if not set(modes) <= set(MODES):
-        p.error(f"--modes must be drawn from {list(MODES)}")
+    if not all(m in MODES or re.fullmatch(r"step:[1-9][0-9]*", m) for m in modes):
+        p.error(f"--modes must be drawn from {list(MODES)} and step:N")
     plan = schedule(args.rate, args.count, args.max_seconds, classes, args.seed)
     timeout_s = 4 * args.max_seconds
     print(f"engine {args.engine} ({manifest['backend']}), tiles {size[0]}x{size[1]}, {len(plan)} requests at "
@@ -160,20 +173,22 @@ def main(argv=None) -> int:
         base, proc = start_server(args.engine, mode, args.threads, args.max_batch, timeout_s)
         try:
             all_results[mode] = run_mode(base, plan, size, timeout_s)
+            measured = step_rows(base)
         finally:
             proc.terminate()
             proc.wait(60)
-        summary[mode] = summarise(all_results[mode], plan, classes)
+        set_rows = mode.partition(":")[2]  # step:N serves with --step-rows N: nothing measured
+        summary[mode] = summarise(all_results[mode], plan, classes) | {"step_rows": measured or set_rows or None}
 
     print(f"\n{'mode':8} {'class':>6} {'n':>4} {'p50 s':>8} {'p99 s':>8} {'max s':>8}")
     for mode, s in summary.items():
         for c, row in s["classes"].items():
             print(f"{mode:8} {c:>6} {row['n']:>4} " + " ".join(f"{row.get(k, float('nan')):8.2f}"
                                                               for k in ("p50", "p99", "max")))
-    print(f"\n{'mode':8} {'replies':>7} {'503':>4} {'errors':>6} {'req/s':>7} {'req-steps/s':>11}")
+    print(f"\n{'mode':8} {'replies':>7} {'503':>4} {'errors':>6} {'req/s':>7} {'req-steps/s':>11}  step rows")
     for mode, s in summary.items():
         print(f"{mode:8} {s['replies']:>7} {s['refused']:>4} {s['errors']:>6} {s['throughput_rps']:7.3f} "
-              f"{s['request_steps_per_s']:11.1f}")
+              f"{s['request_steps_per_s']:11.1f}  {s['step_rows'] or '-'}")
     result = {"engine": str(args.engine), "size": list(size), "rate": args.rate, "requests": len(plan),
               "classes": classes, "load_average": os.getloadavg()[0], "modes": summary}
     if set(MODES) <= set(summary) and summary["step"]["classes"][classes[0]].get("p99"):

@@ -2,7 +2,9 @@
 
 Each batch row is a slot holding one row of a request at its own place in its own loop: an offset into one
 concatenated step table and a step index (int64 device tensors), plus the request's mask, x_init and background.
-A step is one U-Net call over the busy slots and one per-row fused step (kernels.fused_step_slots). Noise is
+A step is one U-Net call over the busy slots and one per-row fused step (kernels.fused_step_slots). A running job
+can be preempted between steps (its rows of state move onto the job, as vLLM swaps a sequence out) and resumed
+later from exactly that state, so a scheduler may choose at every step which jobs hold the slots. Noise is
 keyed by the request's own seed and its own step numbering, never by the slot, exactly as the engine's step draws
 it (torch step: a generator per request, drawn in its step order; Triton step: Philox keyed by (seed, phase =
 step, plane = its own row)): a request's result equals `Engine.sample(its inputs, seed=its seed)` whatever it
@@ -11,6 +13,7 @@ see README "Step-level batching").
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +70,7 @@ class SlotJob:
     init_image: torch.Tensor | None = None
     step: int = 0  # steps done (host mirror of the device step index)
     start: int = -1  # first batch row while admitted
+    preempted: dict[str, torch.Tensor] | None = None  # its rows of the carried state while preempted
     result: torch.Tensor | None = None  # [r, C, H, W] on the CPU once finished
 
     @property
@@ -140,12 +144,16 @@ class SlotRunner:
 
     @torch.no_grad()
     def admit(self, job: SlotJob) -> None:
-        """Give the job free slots and run its initial step (x_T and its first blend) for those rows only."""
+        """Give the job free slots and run its initial step (x_T and its first blend) for those rows only; a
+        preempted job resumes from the state it left with instead."""
         if not self.fits(job):
             raise ValueError(f"a job of {job.rows} images of size {job.size} does not fit: {self.busy}/{self.slots} "
                              f"slots busy with size {self.size}")
         with self.engine.lock:
+            resumed = job.preempted is not None
             self._layout(self.jobs + [job])
+            if resumed:
+                return
             b, rows, c = self._bufs, slice(job.start, job.start + job.rows), self.engine.c_out
             b.sample[rows, c:].copy_(job.background)
             blend = job.blends[0]
@@ -190,16 +198,58 @@ class SlotRunner:
         """Free the slots of jobs that will not finish (cancelled, past their deadline); effective from the next step."""
         gone = set(jobs)
         with self.engine.lock:
+            for job in gone:
+                job.preempted = None
             self._layout([j for j in self.jobs if j not in gone])
+
+    def preempt(self, jobs) -> None:
+        """Free the slots of running jobs that will resume later (`admit`): their rows of state move onto the job."""
+        out = set(jobs)
+        with self.engine.lock:
+            for job in out:
+                job.preempted = self._state(job)
+            self._layout([j for j in self.jobs if j not in out])
+
+    @torch.no_grad()
+    def unet_seconds(self, size: tuple[int, int], rounds: int = 5, budget_s: float = 1.0) -> list[float]:
+        """Seconds of one U-Net call at 1, 2, ..., `slots` rows of this size: the best of up to `rounds` calls each
+        (at least two; fewer once the rounds have taken `budget_s`, so large tiles stay cheap to measure), after a
+        warm-up call that also compiles the shape. Each round times every row count in turn, so a change in the
+        machine's load moves them alike. The cost curve a scheduler sizes its steps by; only while idle."""
+        if self.jobs:
+            raise RuntimeError("unet_seconds times the slots' own buffers: call it while no job is admitted")
+        cuda = self.device.type == "cuda"
+
+        def timed(bufs) -> float:
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            start = time.perf_counter()
+            bufs.run_unet()
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            return time.perf_counter() - start
+
+        with self.engine.lock:
+            sets = [self._runner.buffers(n, *size) for n in range(1, self.slots + 1)]
+            for bufs in sets:
+                timed(bufs)  # warm-up
+            calls, spent = [[] for _ in sets], 0.0
+            while len(calls[0]) < 2 or (len(calls[0]) < rounds and spent < budget_s):
+                for bufs, seconds in zip(sets, calls):
+                    seconds.append(timed(bufs))
+                    spent += seconds[-1]
+        return [min(seconds) for seconds in calls]
+
+    def _state(self, job: SlotJob) -> dict[str, torch.Tensor]:
+        """A copy of a running job's rows of the carried state (a copy: the next buffer set may be this one)."""
+        rows = slice(job.start, job.start + job.rows)
+        return {name: getattr(self._bufs, name)[rows].clone() for name in _CARRIED}
 
     def _layout(self, jobs: list[SlotJob]) -> None:
         """Place jobs in rows 0..n-1 of the buffer set for n rows (the smallest batch that holds them), carrying
-        the state of the ones already running, and rebuild the per-row table offsets and step indices."""
-        carried = [j for j in jobs if j.start >= 0 and j in self.jobs]
-        saved = None
-        if carried:  # gather first: the new buffer set is the old one when the row count did not change
-            index = torch.cat([torch.arange(j.start, j.start + j.rows) for j in carried]).to(self.device)
-            saved = {name: getattr(self._bufs, name).index_select(0, index) for name in _CARRIED}
+        the state of the ones already running or preempted, and rebuild the per-row table offsets and step indices."""
+        states = {j: self._state(j) for j in jobs if j.start >= 0 and j in self.jobs}
+        states.update({j: j.preempted for j in jobs if j.preempted is not None})
         for j in self.jobs:
             j.start = -1
         n = sum(j.rows for j in jobs)
@@ -208,13 +258,14 @@ class SlotRunner:
             self._bufs = None
             return
         self._bufs = self._runner.buffers(n, *jobs[0].size)
-        if saved is not None:
-            for name, value in saved.items():
-                getattr(self._bufs, name)[:value.shape[0]].copy_(value)
         flags = ("draws", "masked", "x0_form", "history")
         start, offset, per_row = 0, 0, {k: [] for k in ("offset", "step", "length", *flags)}
-        for j in jobs:  # carried jobs first, in their old order, so `saved` lines up with rows 0..k-1
+        for j in jobs:
             j.start, start = start, start + j.rows
+            if j in states:
+                for name, value in states[j].items():
+                    getattr(self._bufs, name)[j.start:start].copy_(value)
+                j.preempted = None
             for key, value in (("offset", offset), ("step", j.step), ("length", j.table.timesteps),
                                ("draws", j.table.draws_step_noise), ("masked", j.mask is not None),
                                ("x0_form", j.table.x0_form), ("history", j.table.history)):

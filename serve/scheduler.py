@@ -1,14 +1,20 @@
 """Step-level batching for the service (DESIGN.md section 8): requests join the running batch between U-Net steps.
 
-One worker thread drives an `engine.slots.SlotRunner`: between two steps it frees the slots of requests whose
-client went away or whose deadline passed, admits queued requests into free slots (in arrival order; a request of
-another image size waits until the running batch has drained, then starts one of its own), steps the batch once
-and hands finished requests their result. Same interface as `batcher.Batcher`, so the service can run either.
+One worker thread drives an `engine.slots.SlotRunner`. Between two steps it frees the slots of requests whose
+client went away or whose deadline passed, then chooses the rows of the next step shortest-remaining-first
+(SRPT) among the running, preempted and queued chunks of the batch's image size: a 20-step request that arrives
+during a 300-step one runs at once, and the longer one is preempted (its state kept) and resumes where it was.
+A step holds at most `step_rows` rows: by default the fewest whose U-Net cost per row is within 2 % of the
+cheapest, measured once per image size (`choose_step_rows`), so steps are wide where batching is cheap (a GPU)
+and narrow where a row costs the same in any batch (these CPUs). A request of another image size waits until
+the running batch has drained, then starts one of its own; while it waits, no new request of the running size
+starts. Same interface as `batcher.Batcher`, so the service can run either.
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -19,14 +25,25 @@ from ddpm_engine.engine.slots import SlotJob, SlotRunner
 
 from .batcher import Job, RequestTimeout, WorkQueue, finish
 
+ROW_COST_TOLERANCE = 0.02  # steps narrower than the cheapest per row may cost this much more: measurement noise
+
+
+def choose_step_rows(seconds: list[float], tolerance: float = ROW_COST_TOLERANCE) -> int:
+    """Rows per step from U-Net seconds at 1..n rows: the fewest whose cost per row is within `tolerance` of the
+    cheapest (wider steps add latency for every row in them, so they must buy throughput)."""
+    per_row = [s / rows for rows, s in enumerate(seconds, 1)]
+    cheapest = min(per_row)
+    return next(rows for rows, c in enumerate(per_row, 1) if c <= cheapest * (1 + tolerance))
+
 
 @dataclass(eq=False)
 class _Request:
-    """A job and its chunks: `waiting` not yet admitted, `parts` all of them (results concatenate in order)."""
+    """A job and its chunks: `waiting` not yet started, `parts` all of them (results concatenate in order)."""
 
     job: Job
     parts: list[SlotJob]
     waiting: collections.deque = field(default_factory=collections.deque)
+    order: int = 0  # arrival number: SRPT's tie-break, so equal work runs first come first served
 
     @property
     def gone(self) -> bool:
@@ -36,17 +53,24 @@ class _Request:
 class StepScheduler(WorkQueue):
     """A bounded queue feeding a batch whose rows are at different steps of different requests."""
 
-    def __init__(self, engine, max_queue: int = 64, max_batch: int | None = None, on_batch=None):
-        super().__init__(max_queue, "ddpm-engine-scheduler")  # its queue holds _Requests not (fully) admitted
+    def __init__(self, engine, max_queue: int = 64, max_batch: int | None = None, step_rows: int | None = None,
+                 on_batch=None):
+        super().__init__(max_queue, "ddpm-engine-scheduler")  # its queue: requests with a chunk out of the slots
         self.engine, self.on_batch = engine, on_batch  # on_batch(rows, seconds) after each step: metrics
         self.slots = SlotRunner(engine, max_batch)
         self.max_batch = self.slots.slots
-        self._running: dict[SlotJob, _Request] = {}
+        if step_rows is not None and not 1 <= step_rows <= self.max_batch:
+            raise ValueError(f"step_rows must be in [1, {self.max_batch}] (the slots), got {step_rows}")
+        self.step_rows = step_rows  # None: measured per image size (self.measured)
+        self.measured: dict[tuple[int, int], tuple[int, list[float]]] = {}  # size -> (rows, U-Net seconds)
+        self._running: dict[SlotJob, _Request] = {}  # started chunks, in the slots or preempted
+        self._arrivals = itertools.count()
         self._step_s = 0.0  # moving average of one step's duration: the Retry-After estimate
         self._thread.start()
 
     def retry_after_s(self) -> int:
-        steps = sum(p.remaining * p.rows for r in self._queue for p in r.waiting)
+        # Under the lock, reading only the queue (the worker changes _running outside it): chunks not in the slots.
+        steps = sum(p.remaining * p.rows for r in self._queue for p in r.parts if p.start < 0 and p.result is None)
         return max(1, math.ceil(self._step_s * steps / self.max_batch))
 
     def submit(self, job: Job) -> concurrent.futures.Future:
@@ -54,37 +78,54 @@ class StepScheduler(WorkQueue):
         parts = self.slots.prepare(job.background, mask=job.mask, x_init=job.x_init, timesteps=job.timesteps,
                                    sampler=job.sampler, t_start=job.t_start, t_end=job.t_end, eta=job.eta,
                                    seed=job.seed)
-        self._enqueue(_Request(job, parts, collections.deque(parts)))
+        self._enqueue(_Request(job, parts, collections.deque(parts), next(self._arrivals)))
         return job.future
 
     def _take_unstarted(self) -> list[Job]:
-        # A request with a chunk in the slots is running: it finishes (its deadline still applies).
+        # A request with a chunk started is running: it finishes (its deadline still applies).
         left = [r for r in self._queue if len(r.waiting) == len(r.parts)]
         self._queue = collections.deque(r for r in self._queue if len(r.waiting) != len(r.parts))
         return [r.job for r in left]
 
     # -- worker ----------------------------------------------------------------------------------
 
-    def _admissible(self) -> list[SlotJob]:
-        """Under the lock: drop gone or expired queued requests, then pop the chunks that join at this boundary."""
+    def _candidates(self) -> list[tuple[SlotJob, _Request]]:
+        """Under the lock: drop gone or expired unstarted requests, then list the chunks that may run next step."""
         now = time.monotonic()
-        # Requests with a chunk already running are _evict_gone's (it frees their slots outside this lock).
+        # Requests with a chunk already started are _evict_gone's (it frees their slots outside this lock).
         for request in [r for r in self._queue if (r.gone or now > r.job.deadline) and len(r.waiting) == len(r.parts)]:
             self._queue.remove(request)
             finish(request.job, RequestTimeout("the request timed out in the queue"))
-        admitted, rows, size = [], self.slots.busy, self.slots.size
-        while self._queue:  # strictly in arrival order: a large or other-size request is not starved by later ones
-            request = self._queue[0]
-            part = request.waiting[0]
-            if rows + part.rows > self.slots.slots or size not in (None, part.size):
-                break
-            request.waiting.popleft()
-            self._running[part] = request
-            admitted.append(part)
-            rows, size = rows + part.rows, part.size
+        out = list(self._running.items())
+        size = out[0][0].size if out else None
+        for request in self._queue:  # in arrival order, up to the first request of another image size
             if not request.waiting:
-                self._queue.popleft()
-        return admitted
+                continue  # preempted, nothing unstarted: its chunks are in _running
+            if size not in (None, request.waiting[0].size):
+                break  # it waits for the running size to drain; later requests wait behind it, not starve it
+            size = request.waiting[0].size
+            out += [(p, request) for p in request.waiting]
+        return out
+
+    @staticmethod
+    def _choose(candidates: list[tuple[SlotJob, _Request]], width: int) -> list[SlotJob]:
+        """Shortest remaining work first, up to `width` rows (a chunk wider than that runs alone)."""
+        chosen, rows = [], 0
+        for part, _ in sorted(candidates, key=lambda c: (c[0].remaining, c[1].order)):
+            if not chosen or rows + part.rows <= width:
+                chosen.append(part)
+                rows += part.rows
+        return chosen
+
+    def _width(self, size: tuple[int, int]) -> int:
+        if self.step_rows is not None:
+            return self.step_rows
+        if self.max_batch == 1:
+            return 1
+        if size not in self.measured:  # once per size, while the slots are idle (a new size starts on empty slots)
+            seconds = self.slots.unet_seconds(size)
+            self.measured[size] = (choose_step_rows(seconds), seconds)
+        return self.measured[size][0]
 
     def _evict_gone(self) -> None:
         """Free at this step boundary the slots of requests whose client went away or whose deadline passed."""
@@ -92,6 +133,32 @@ class StepScheduler(WorkQueue):
         gone = [p for p, r in self._running.items() if r.gone or now > r.job.deadline]
         if gone:  # a cancelled request's future takes no exception: only the expired ones hear of it
             self._fail(gone, RequestTimeout("the request passed its deadline while running"))
+
+    def _next_rows(self) -> bool:
+        """Arrange the slots for the next step; False when there is nothing to run."""
+        with self._cond:
+            candidates = self._candidates()
+        if not candidates:
+            return False
+        chosen = self._choose(candidates, self._width(candidates[0][0].size))
+        owner = dict(candidates)
+        with self._cond:
+            for part in chosen:  # the chosen unstarted chunks start now
+                if part not in self._running:
+                    owner[part].waiting.remove(part)
+                    self._running[part] = owner[part]
+            # the queue holds the requests with a chunk out of the slots: unstarted or preempted
+            out = {r for p, r in self._running.items() if p not in chosen}
+            self._queue = collections.deque(sorted({*(r for r in self._queue if r.waiting), *out},
+                                                   key=lambda r: r.order))
+        self.slots.preempt([p for p in self.slots.jobs if p not in chosen])
+        for part in chosen:
+            if part not in self.slots.jobs:
+                try:
+                    self.slots.admit(part)
+                except Exception as exc:  # noqa: BLE001 - that request gets the error; the worker lives on
+                    self._fail([part], exc)
+        return True
 
     def _work(self) -> None:
         while True:
@@ -101,15 +168,8 @@ class StepScheduler(WorkQueue):
                         return
                     self._cond.wait()
             self._evict_gone()
-            with self._cond:
-                admitted = self._admissible()
-            for part in admitted:
-                try:
-                    self.slots.admit(part)
-                except Exception as exc:  # noqa: BLE001 - that request gets the error; the worker lives on
-                    self._fail([part], exc)
-            if not self.slots.jobs:  # the queued requests were all gone: back to waiting for work
-                continue
+            if not self._next_rows() or not self.slots.jobs:
+                continue  # the queued requests were all gone, or failed to start: back to waiting for work
             rows, start = self.slots.busy, time.perf_counter()
             try:
                 finished = self.slots.step()
@@ -136,4 +196,3 @@ class StepScheduler(WorkQueue):
                 if request in self._queue:
                     self._queue.remove(request)
             finish(request.job, exc)
-

@@ -41,7 +41,7 @@ class Service:
     def __init__(self, engine, name: str, max_queue: int = 64, max_batch: int | None = None,
                  batch_window_ms: float = 5.0, timeout_s: float = 60.0, max_body_bytes: int = 64 << 20,
                  read_timeout_s: float = 10.0, max_timesteps: int = 1000, drain_timeout_s: float = 30.0,
-                 batching: str = "step"):
+                 batching: str = "step", step_rows: int | None = None):
         oip.check_servable(engine)
         self.engine, self.name, self.timeout_s = engine, name, timeout_s
         self.max_body_bytes, self.read_timeout_s, self.max_timesteps = max_body_bytes, read_timeout_s, max_timesteps
@@ -54,8 +54,11 @@ class Service:
                                        "step-level batching)",
                                        buckets=LATENCY_BUCKETS, registry=r)
         if batching == "step":
-            self.batcher = StepScheduler(engine, max_queue=max_queue, max_batch=max_batch, on_batch=self._on_batch)
+            self.batcher = StepScheduler(engine, max_queue=max_queue, max_batch=max_batch, step_rows=step_rows,
+                                         on_batch=self._on_batch)
         elif batching == "request":
+            if step_rows is not None:
+                raise ValueError("step rows apply to step-level batching (--batching step), not --batching request")
             self.batcher = Batcher(engine, max_queue=max_queue, max_batch=max_batch,
                                    window_s=batch_window_ms / 1e3, on_batch=self._on_batch)
         else:
@@ -65,6 +68,8 @@ class Service:
                                     registry=r)
         Gauge("ddpm_engine_queue_depth", "Requests waiting for the engine", registry=r).set_function(
             lambda: self.batcher.depth)
+        self.step_rows = Gauge("ddpm_engine_step_rows", "Most images per U-Net step, measured per image size "
+                               "(step-level batching)", ["size"], registry=r)
         self.inflight = Gauge("ddpm_engine_inflight_requests", "Infer requests being handled", registry=r)
         model = [Route("/v2/models/{model}" + v + p, f, methods=[m])
                  for v in ("", "/versions/{version}")
@@ -79,6 +84,8 @@ class Service:
     def _on_batch(self, rows: int, seconds: float) -> None:
         self.batch_rows.observe(rows)
         self.batch_seconds.observe(seconds)
+        for (h, w), (step_rows, _) in getattr(self.batcher, "measured", {}).items():
+            self.step_rows.labels(size=f"{h}x{w}").set(step_rows)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app):

@@ -23,7 +23,7 @@ def _rows(jobs) -> int:
     return sum(job.rows for job in jobs)
 
 
-def make_deployment(max_batch: int, batch_window_ms: float, batching: str = "step"):
+def make_deployment(max_batch: int, batch_window_ms: float, batching: str = "step", step_rows: int | None = None):
     """The deployment class, its batching parameters fixed (decorators take them at definition time)."""
     from ray import serve
     from starlette.requests import Request
@@ -43,8 +43,8 @@ def make_deployment(max_batch: int, batch_window_ms: float, batching: str = "ste
             self.max_batch = min(max_batch, self.engine.max_batch)
             self.infer_batch.set_max_batch_size(self.max_batch)
             # Ray admits at most max_ongoing_requests (2 * max_batch) at once: the scheduler's queue never fills.
-            self.scheduler = (StepScheduler(self.engine, max_queue=2 * max_batch, max_batch=self.max_batch)
-                              if batching == "step" else None)
+            self.scheduler = (StepScheduler(self.engine, max_queue=2 * max_batch, max_batch=self.max_batch,
+                                            step_rows=step_rows) if batching == "step" else None)
 
         @serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=batch_window_ms / 1e3, batch_size_fn=_rows)
         async def infer_batch(self, jobs: list) -> list:
@@ -121,7 +121,8 @@ def make_deployment(max_batch: int, batch_window_ms: float, batching: str = "ste
 def start(directory, host: str = "127.0.0.1", port: int = 8000, name: str = "model", backend: str | None = None,
           threads: int | None = None, replicas: int = 1, max_queue: int = 64, max_batch: int | None = None,
           batch_window_ms: float = 5.0, timeout_s: float = 60.0, max_body_bytes: int = 64 << 20,
-          max_timesteps: int = 1000, num_cpus: int | None = None, batching: str = "step"):
+          max_timesteps: int = 1000, num_cpus: int | None = None, batching: str = "step",
+          step_rows: int | None = None):
     """Start (or join, with RAY_ADDRESS) a Ray cluster and run the deployment; returns its DeploymentHandle.
 
     Local clusters bind to 127.0.0.1 with no dashboard; usage reporting is off (RAY_USAGE_STATS_ENABLED=0).
@@ -144,7 +145,7 @@ def start(directory, host: str = "127.0.0.1", port: int = 8000, name: str = "mod
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": timeout_s})
     gpus = 1 if manifest["backend"] == "tensorrt" else 0
     deployment = serve.deployment(
-        make_deployment(max_batch, batch_window_ms, batching), name=name, num_replicas=replicas,
+        make_deployment(max_batch, batch_window_ms, batching, step_rows), name=name, num_replicas=replicas,
         max_ongoing_requests=2 * max_batch, max_queued_requests=max_queue,
         ray_actor_options={"num_cpus": 1 if threads is None else threads, "num_gpus": gpus})
     app = deployment.bind(str(os.path.abspath(directory)), name, backend, threads, max_body_bytes, max_timesteps)

@@ -91,6 +91,46 @@ def test_evicted_rows_are_free_at_once_and_the_others_carry_on(engine, one_threa
     np.testing.assert_array_equal(kept.result.numpy(), want)
 
 
+def test_preempted_jobs_resume_exactly_where_they_left(engine, one_thread):
+    """At every step a different subset holds the slots (the rest preempted, their state on the job): each request
+    still equals its own Engine.sample bitwise, multistep history and masks included."""
+    runner = SlotRunner(engine, slots=4)
+    reqs = requests(base=60)
+    parts = [runner.prepare(**r) for r in reqs]
+    pending, results, rng, preemptions = [p for ps in parts for p in ps], {}, np.random.default_rng(0), 0
+    while pending:
+        order = list(rng.permutation(len(pending)))
+        chosen, rows = [], 0
+        for k in order:
+            if rows + pending[k].rows <= runner.slots:
+                chosen.append(pending[k])
+                rows += pending[k].rows
+        out = [j for j in runner.jobs if j not in chosen]
+        preemptions += len(out)
+        runner.preempt(out)
+        assert all(j.preempted is not None and j.start < 0 for j in out)
+        for job in chosen:
+            if job not in runner.jobs:
+                runner.admit(job)
+        for job in runner.step():
+            results[id(job)] = job.result
+            pending.remove(job)
+    assert preemptions > 10
+    for k, r in enumerate(reqs):
+        got = torch.cat([results[id(p)] for p in parts[k]]).numpy()
+        np.testing.assert_array_equal(got, engine.sample(**r), err_msg=f"request {k}: {MIXED[k]}")
+
+
+def test_unet_seconds_times_each_row_count_while_idle(engine, one_thread):
+    runner = SlotRunner(engine, slots=3)
+    seconds = runner.unet_seconds((H, W), rounds=2)
+    assert len(seconds) == 3 and all(0 < s < 5 for s in seconds)
+    job, = runner.prepare(tile(0)[0], timesteps=2)
+    runner.admit(job)
+    with pytest.raises(RuntimeError, match="while no job is admitted"):
+        runner.unet_seconds((H, W))
+
+
 def test_refusals_name_the_problem(engine):
     with pytest.raises(ValueError, match=r"slots must be in \[1, 4\]"):
         SlotRunner(engine, slots=5)

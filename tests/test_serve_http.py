@@ -155,6 +155,19 @@ def test_json_and_binary_infer_equal_a_direct_engine_call(server, engine):
     np.testing.assert_array_equal(output(r), engine.sample(bg3, timesteps=3, seed=0))
 
 
+def test_metrics_show_the_step_rows_measured_for_each_image_size(engine):
+    running = Running(engine, batching="step")
+    try:
+        r = httpx.post(running.base + URL + "/infer", json=infer_json(tile(3)[0], timesteps=2), timeout=30)
+        assert r.status_code == 200
+        measured = running.service.batcher.measured[(8, 8)][0]
+        assert running.metric('ddpm_engine_step_rows{size="8x8"}') == measured
+    finally:
+        running.stop()
+    with pytest.raises(ValueError, match="step rows apply to step-level batching"):
+        Service(engine, "tiny", batching="request", step_rows=2)
+
+
 def test_twice_capacity_every_request_exact_or_503(server, engine):
     # capacity: 4 queued + 4 running rows; 16 clients at once, each with its own inputs and seed
     n = 16

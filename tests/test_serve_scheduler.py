@@ -12,7 +12,7 @@ import pytest
 
 from ddpm_engine.engine import load
 from ddpm_engine.serve.batcher import Job, QueueFull, RequestTimeout, ShuttingDown
-from ddpm_engine.serve.scheduler import StepScheduler
+from ddpm_engine.serve.scheduler import StepScheduler, choose_step_rows
 
 from test_serve_http import URL, Running, infer_json, output, tile
 
@@ -49,18 +49,82 @@ def test_cancelling_a_running_request_frees_its_slot_within_one_step(engine):
     scheduler = StepScheduler(engine, max_batch=1, on_batch=steps)
     try:
         long = Job(tile(1)[0], timesteps=1000, seed=1)
-        waiting = Job(tile(2)[0], timesteps=5, seed=2)
         scheduler.submit(long)
         until(lambda: len(steps.rows) >= 3, what="the long request to run")
-        scheduler.submit(waiting)  # the only slot is taken: it queues
-        assert scheduler.depth == 1
         done_at_cancel = len(steps.rows)
         assert long.future.cancel()  # what the service does when the client disconnects
-        result = waiting.future.result(30)
-        # the step running at the cancel may finish; the next one already runs the waiting request
-        assert len(steps.rows) - done_at_cancel <= 1 + waiting.timesteps
-        assert scheduler.slots.busy == 0 and scheduler.depth == 0
-        np.testing.assert_array_equal(result, direct(engine, waiting))
+        until(lambda: scheduler.slots.busy == 0, 10, "the slot to be freed")
+        time.sleep(0.1)
+        assert len(steps.rows) - done_at_cancel <= 1  # the step running at the cancel may finish, no other
+        assert scheduler.depth == 0 and not scheduler._running
+        waiting = Job(tile(2)[0], timesteps=5, seed=2)
+        np.testing.assert_array_equal(scheduler.submit(waiting).result(30), direct(engine, waiting))
+    finally:
+        scheduler.close()
+
+
+def test_a_short_request_overtakes_running_long_ones_which_resume_exactly(engine):
+    """Shortest remaining work first: a 5-step request that arrives while two long ones hold both slots runs at the
+    next step boundary (one long request is preempted), and the long ones still return their own exact results."""
+    order, steps = [], Steps()
+    scheduler = StepScheduler(engine, max_batch=2, step_rows=2, on_batch=steps)
+    try:
+        longs = [Job(tile(30 + k)[0], timesteps=300, seed=30 + k) for k in range(2)]
+        for job in longs:
+            scheduler.submit(job).add_done_callback(lambda f, job=job: order.append(job))
+        until(lambda: len(steps.rows) >= 5, what="the long requests to run")
+        short = Job(tile(32)[0], timesteps=5, seed=32, mask=tile(32)[2], x_init=tile(32)[1])
+        scheduler.submit(short).add_done_callback(lambda f: order.append(short))
+        until(lambda: len(order) == 3, 60, "all three requests")
+        assert order[0] is short
+        for job in [short, *longs]:
+            np.testing.assert_array_equal(job.future.result(), direct(engine, job))
+        assert sum(steps.rows) == 2 * 300 + 5  # every row step ran once: preemption repeated nothing
+    finally:
+        scheduler.close()
+
+
+def test_a_short_request_finishes_within_its_own_steps_after_arriving(engine):
+    steps, finished_at = Steps(), []
+    scheduler = StepScheduler(engine, max_batch=2, step_rows=2, on_batch=steps)
+    try:
+        longs = [Job(tile(40 + k)[0], timesteps=400, seed=40 + k) for k in range(2)]
+        for job in longs:
+            scheduler.submit(job)
+        until(lambda: len(steps.rows) >= 3, what="the long requests to run")
+        short = Job(tile(42)[0], timesteps=6, seed=42)
+        at_submit = len(steps.rows)
+        scheduler.submit(short).add_done_callback(lambda f: finished_at.append(len(steps.rows)))
+        until(lambda: finished_at, 60, "the short request")
+        assert finished_at[0] - at_submit <= short.timesteps + 1  # the step under way at arrival, then its own
+    finally:
+        for job in longs:
+            job.future.cancel()
+        scheduler.close()
+
+
+@pytest.mark.parametrize("seconds,rows", [
+    ([1.0, 2.0, 3.0, 4.0], 1),  # a row costs the same in any batch (these CPUs): narrow steps
+    ([1.0, 1.02, 1.05, 1.1], 4),  # batching is nearly free (a GPU): all slots
+    ([1.0, 1.2, 3.6, 4.2], 2),  # cheapest per row at 2
+    ([1.0, 2.0, 3.0, 3.94], 1),  # 1.5 % cheaper per row at 4: inside the tolerance, not worth the latency
+    ([1.0, 2.0, 3.0, 3.9], 4),  # 2.5 % cheaper: worth it
+])
+def test_step_rows_are_the_fewest_within_tolerance_of_the_cheapest_per_row(seconds, rows):
+    assert choose_step_rows(seconds) == rows
+
+
+def test_step_rows_are_measured_once_per_image_size(engine):
+    scheduler = StepScheduler(engine, max_batch=4)
+    try:
+        job = Job(tile(50)[0], timesteps=3, seed=50)
+        np.testing.assert_array_equal(scheduler.submit(job).result(30), direct(engine, job))
+        (size, (rows, seconds)), = scheduler.measured.items()
+        assert size == (8, 8) and len(seconds) == 4 and rows == choose_step_rows(seconds)
+        scheduler.submit(Job(tile(51)[0], timesteps=2, seed=51)).result(30)
+        assert scheduler.measured[size][1] is seconds  # not measured again
+        with pytest.raises(ValueError, match=r"step_rows must be in \[1, 4\]"):
+            StepScheduler(engine, max_batch=4, step_rows=5)
     finally:
         scheduler.close()
 
@@ -150,7 +214,7 @@ def triton_infer(port, bg, mask, x_init, settings, seed):
 def test_concurrent_mixed_load_through_tritonclient_each_reply_exact(engine):
     """Staggered clients with different step counts, samplers, time ranges, masks and seeds: every reply equals its own
     direct Engine.sample, bitwise, and the requests really shared steps at changing batch compositions."""
-    running = Running(engine, max_queue=32, batching="step")
+    running = Running(engine, max_queue=32, batching="step", step_rows=4)  # 4 rows a step, whatever this CPU measures
     steps = Steps()
     running.service.batcher.on_batch = steps
     requests = mixed_requests(14, base=700)

@@ -103,6 +103,26 @@ def test_a_short_request_finishes_within_its_own_steps_after_arriving(engine):
         scheduler.close()
 
 
+def test_cancelling_a_preempted_request_drops_it_without_another_step(engine):
+    steps = Steps()
+    scheduler = StepScheduler(engine, max_batch=1, on_batch=steps)
+    try:
+        long = Job(tile(45)[0], timesteps=1000, seed=45)
+        scheduler.submit(long)
+        until(lambda: len(steps.rows) >= 3, what="the long request to run")
+        short = Job(tile(46)[0], timesteps=200, seed=46)
+        scheduler.submit(short)
+        until(lambda: scheduler.slots.jobs and scheduler.slots.jobs[0].remaining < 200, what="the short one to run")
+        ran_long = 1000 - next(p for p in scheduler._running if p.table.timesteps == 1000).remaining
+        assert long.future.cancel()  # while preempted
+        np.testing.assert_array_equal(short.future.result(30), direct(engine, short))
+        until(lambda: not scheduler._running and scheduler.depth == 0, 10, "the cancelled request to be dropped")
+        time.sleep(0.1)
+        assert len(steps.rows) == ran_long + 200  # it never ran again
+    finally:
+        scheduler.close()
+
+
 @pytest.mark.parametrize("seconds,rows", [
     ([1.0, 2.0, 3.0, 4.0], 1),  # a row costs the same in any batch (these CPUs): narrow steps
     ([1.0, 1.02, 1.05, 1.1], 4),  # batching is nearly free (a GPU): all slots

@@ -65,6 +65,7 @@ class SlotJob:
     table: StepTable  # rows on the device
     noise: GeneratorNoise | PhiloxNoise  # keyed by the chunk's seed: the noise Engine.sample would draw
     blends: list[bool]  # per step: whether this chunk blends its known pixels before that step's U-Net call
+    seed: int = 0  # the chunk's seed (the per-slot Triton kernel keys its Philox noise by it)
     mask: torch.Tensor | None = None  # [r, C, H, W]
     x_init: torch.Tensor | None = None
     init_image: torch.Tensor | None = None
@@ -94,7 +95,14 @@ class SlotRunner:
         if not 1 <= slots <= engine.max_batch:
             raise ValueError(f"slots must be in [1, {engine.max_batch}] (the engine's built maximum batch), got {slots}")
         self.engine, self.slots, self.device = engine, slots, engine.runner.device
-        self._noise = GeneratorNoise if engine.runner.step_impl == "torch" else PhiloxNoise
+        # A Triton-step engine's slots step in one launch that draws each row's noise in-kernel (its request's seed,
+        # step and planes); the torch step's noise comes from per-request generators on the host.
+        self._triton = engine.runner.step_impl == "triton"
+        self._noise = PhiloxNoise if self._triton else GeneratorNoise
+        if self._triton:  # imported here: triton is optional, and only Triton-step engines get here
+            from ddpm_engine.kernels.fused_step_slots_triton import step_slots_triton
+
+            self._step_slots_triton = step_slots_triton
         # Buffers of its own on the same backend: an Engine.sample call between two steps must not overwrite slots.
         self._runner = Runner(engine.runner.backend, c_out=engine.c_out, c_in=engine.c_in, step="torch",
                               cuda_graphs=False)
@@ -131,7 +139,7 @@ class SlotRunner:
             part_mask = None if mask is None else on_dev(mask if mask.shape[0] == 1 else mask[part])
             parts.append(SlotJob(
                 background=bg, table=dev_table,
-                noise=self._noise(part_seed, self.device),
+                noise=self._noise(part_seed, self.device), seed=part_seed,
                 blends=[mask is not None and b for b in host_blend],
                 mask=None if part_mask is None else part_mask.expand(bg.shape[0], c, h, w),
                 x_init=None if x_init is None else on_dev(x_init[part]),
@@ -175,14 +183,18 @@ class SlotRunner:
         b, p = self._bufs, self._per_row
         with self.engine.lock:
             b.run_unet()
-            for job in self.jobs:  # each job's own draws for its step: eps2, then the eps1 of its next blend
-                rows = slice(job.start, job.start + job.rows)
-                blend_next = job.step + 1 < job.table.timesteps and job.blends[job.step + 1]
-                job.noise.draw(job.step + 1, b.noise[0][rows], b.noise[1][rows], job.table.draws_step_noise,
-                               blend_next)
-            step_slots_torch(b.x, b.eps, p["table"], p["offset"], p["step"], p["length"], *b.noise,
-                             draws=p["draws"], masked=p["masked"], x0_form=p["x0_form"], history=p["history"],
-                             x0_prev=b.x0_prev, model_in=b.sample, t_in=b.timestep, mask=b.mask, x_init=b.x_init)
+            per_row = dict(draws=p["draws"], masked=p["masked"], x0_form=p["x0_form"], history=p["history"],
+                           x0_prev=b.x0_prev, model_in=b.sample, t_in=b.timestep, mask=b.mask, x_init=b.x_init)
+            if self._triton:
+                self._step_slots_triton(b.x, b.eps, p["table"], p["offset"], p["step"], p["length"], p["seed"],
+                                        p["plane0"], **per_row)
+            else:
+                for job in self.jobs:  # each job's own draws for its step: eps2, then the eps1 of its next blend
+                    rows = slice(job.start, job.start + job.rows)
+                    blend_next = job.step + 1 < job.table.timesteps and job.blends[job.step + 1]
+                    job.noise.draw(job.step + 1, b.noise[0][rows], b.noise[1][rows], job.table.draws_step_noise,
+                                   blend_next)
+                step_slots_torch(b.x, b.eps, p["table"], p["offset"], p["step"], p["length"], *b.noise, **per_row)
             p["step"].add_(1)
             finished = []
             for job in self.jobs:
@@ -259,14 +271,15 @@ class SlotRunner:
             return
         self._bufs = self._runner.buffers(n, *jobs[0].size)
         flags = ("draws", "masked", "x0_form", "history")
-        start, offset, per_row = 0, 0, {k: [] for k in ("offset", "step", "length", *flags)}
+        start, offset, per_row = 0, 0, {k: [] for k in ("offset", "step", "length", "seed", "plane0", *flags)}
         for j in jobs:
             j.start, start = start, start + j.rows
             if j in states:
                 for name, value in states[j].items():
                     getattr(self._bufs, name)[j.start:start].copy_(value)
                 j.preempted = None
-            for key, value in (("offset", offset), ("step", j.step), ("length", j.table.timesteps),
+            per_row["plane0"] += [k * self.engine.c_out for k in range(j.rows)]  # its own planes, from 0
+            for key, value in (("offset", offset), ("step", j.step), ("length", j.table.timesteps), ("seed", j.seed),
                                ("draws", j.table.draws_step_noise), ("masked", j.mask is not None),
                                ("x0_form", j.table.x0_form), ("history", j.table.history)):
                 per_row[key] += [value] * j.rows

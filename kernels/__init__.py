@@ -30,6 +30,10 @@ instead for the PAIRED_NOISE parity mode; fp_fusion=False for bit parity with to
   (phase 0: a = eps0, b = eps1 of step 0; phase i + 1: a = eps2 of step i, b = eps1 of step i + 1)
   compile_step_kernel(90, ...), compile_initial_kernel(90, ...), compile_noise_kernel(90, ...): ahead-of-time
   sm_90 builds, no GPU needed, with integer arguments specialised as the JIT does (ints={...})
+Per-slot step (DESIGN.md section 8; each batch row at its own step of its own request's table):
+  step_slots_torch (kernels/fused_step_slots.py), the specification, host noise as tensors;
+  step_slots_triton (kernels/fused_step_slots_triton.py), one launch, each row's noise drawn in-kernel keyed by
+  its request's seed, its step and its own planes (seed[b], plane0[b]); compile_step_slots_kernel(90, ...)
 Triton is optional: HAS_TRITON says whether the Triton half imported. On CPU set TRITON_INTERPRET=1 before
 triton is first imported to run the kernels in the interpreter (tests do).
 """

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from ddpm_engine import kernels
 from ddpm_engine.engine import CosineSchedule, load, step_table
 from ddpm_engine.engine.slots import SlotRunner
 from ddpm_engine.kernels import initial_torch, step_torch
@@ -170,38 +171,105 @@ def test_torch_backend_rows_depend_on_the_batch_only_in_the_last_bits(tiny_engin
     assert worst < 2e-4
 
 
-def test_per_row_step_equals_the_spec_row_by_row(one_thread):
-    """Every slot row, at any step of any table (last step, blending or not, noise or not), equals step_torch."""
-    g = torch.Generator().manual_seed(0)
+def mixed_slots(seed=0):
+    """Ten slots at different steps of five tables (last step, blending or not, noise or not, x0 history):
+    (tables, layout [(table, step, masked)], the step_slots_* arguments)."""
+    g = torch.Generator().manual_seed(seed)
     s = CosineSchedule()
     tables = [step_table(s, "ddpm", 5, tau=0.6), step_table(s, "ddim", 3), step_table(s, "ddim", 4, eta=0.3),
               step_table(s, "dpmpp-2m", 5), step_table(s, "dpmpp-2m-sde", 4, spacing="logsnr")]
-    # rows: (table, step, masked)
     layout = [(0, 0, True), (0, 2, True), (0, 4, True), (1, 1, False), (1, 2, True), (2, 0, True), (2, 3, False),
               (3, 2, True), (3, 4, False), (4, 1, True)]
     B, C = len(layout), 2
     randn = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
     x, eps, eps1, eps2, x_init = (randn(B, C, H, W) for _ in range(5))
     mask = (torch.rand(B, 1, H, W, generator=g) > 0.5).float().expand(B, C, H, W).contiguous()
-    model_in, t_in, x0_prev = randn(B, C + 1, H, W), randn(B), randn(B, C, H, W)
     offsets = np.cumsum([0] + [t.timesteps for t in tables])
     as_long = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
-    got_x, got_in, got_t, got_x0 = x.clone(), model_in.clone(), t_in.clone(), x0_prev.clone()
     flags = lambda name: torch.tensor([getattr(tables[t], name) for t, _, _ in layout])  # noqa: E731
-    step_slots_torch(got_x, eps, torch.cat([t.rows for t in tables]), as_long([offsets[t] for t, _, _ in layout]),
-                     as_long([i for _, i, _ in layout]), as_long([tables[t].timesteps for t, _, _ in layout]),
-                     eps2, eps1, draws=flags("draws_step_noise"), masked=torch.tensor([m for _, _, m in layout]),
-                     x0_form=flags("x0_form"), history=flags("history"), x0_prev=got_x0, model_in=got_in, t_in=got_t,
-                     mask=mask, x_init=x_init)
+    args = dict(x=x, eps_hat=eps, table=torch.cat([t.rows for t in tables]),
+                offset=as_long([offsets[t] for t, _, _ in layout]), step=as_long([i for _, i, _ in layout]),
+                length=as_long([tables[t].timesteps for t, _, _ in layout]), eps2=eps2, eps1=eps1,
+                draws=flags("draws_step_noise"), masked=torch.tensor([m for _, _, m in layout]),
+                x0_form=flags("x0_form"), history=flags("history"), x0_prev=randn(B, C, H, W),
+                model_in=randn(B, C + 1, H, W), t_in=randn(B), mask=mask, x_init=x_init)
+    return tables, layout, args
+
+
+def copies(args):
+    return {k: v.clone() for k, v in args.items()}
+
+
+def test_per_row_step_equals_the_spec_row_by_row(one_thread):
+    """Every slot row, at any step of any table (last step, blending or not, noise or not), equals step_torch."""
+    tables, layout, args = mixed_slots()
+    got = copies(args)
+    step_slots_torch(**got)
     for b, (t, i, masked) in enumerate(layout):
         row = slice(b, b + 1)
-        want_x, want_in, want_t, want_x0 = x[row].clone(), model_in[row].clone(), t_in[row].clone(), x0_prev[row].clone()
-        step_torch(want_x, eps[row], tables[t].rows, i, eps2[row] if tables[t].draws_step_noise else None,
-                   eps1[row], model_in=want_in, t_in=want_t, mask=mask[row] if masked else None,
-                   x_init=x_init[row], x0_form=tables[t].x0_form, x0_prev=want_x0 if tables[t].history else None)
-        assert torch.equal(got_x[row], want_x) and torch.equal(got_in[row], want_in), layout[b]
-        assert torch.equal(got_x0[row], want_x0), layout[b]  # the history: x0 of this step, or left alone
-        assert torch.equal(got_t[row], want_t), layout[b]
+        want = {k: args[k][row].clone() for k in ("x", "model_in", "t_in", "x0_prev")}
+        step_torch(want["x"], args["eps_hat"][row], tables[t].rows, i,
+                   args["eps2"][row] if tables[t].draws_step_noise else None, args["eps1"][row],
+                   model_in=want["model_in"], t_in=want["t_in"], mask=args["mask"][row] if masked else None,
+                   x_init=args["x_init"][row], x0_form=tables[t].x0_form,
+                   x0_prev=want["x0_prev"] if tables[t].history else None)
+        for k in ("x", "model_in", "x0_prev", "t_in"):  # x0_prev: the history, x0 of this step or left alone
+            assert torch.equal(got[k][row], want[k]), (k, layout[b])
+
+
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs the triton package (pip install 'ddpm-engine[triton]')")
+def test_the_per_slot_triton_kernel_equals_the_spec_with_paired_noise(one_thread):
+    from ddpm_engine.kernels.fused_step_slots_triton import step_slots_triton
+
+    _, _, args = mixed_slots(1)
+    want, got = copies(args), copies(args)
+    step_slots_torch(**want)
+    B = args["x"].shape[0]
+    zeros = torch.zeros(B, dtype=torch.int64)
+    step_slots_triton(**got, seed=zeros, plane0=zeros)
+    for k in ("x", "model_in", "x0_prev", "t_in"):
+        assert torch.equal(got[k], want[k]), k
+
+
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs the triton package (pip install 'ddpm-engine[triton]')")
+def test_the_per_slot_triton_kernel_draws_each_row_as_step_triton_draws_its_request_alone(one_thread):
+    """In-kernel Philox keyed by the row's own seed, phase (its step + 1) and planes (plane0[b] + c): each row equals
+    step_triton on that row alone with the same seed and plane_offset, noise and all."""
+    from ddpm_engine.kernels import step_triton
+    from ddpm_engine.kernels.fused_step_slots_triton import step_slots_triton
+
+    tables, layout, args = mixed_slots(2)
+    del args["eps1"], args["eps2"]
+    B, C = args["x"].shape[:2]
+    seed = torch.tensor([11 + b % 3 for b in range(B)], dtype=torch.int64)  # rows share seeds: planes tell apart
+    plane0 = torch.tensor([(b % 2) * C for b in range(B)], dtype=torch.int64)
+    got = copies(args)
+    step_slots_triton(**got, seed=seed, plane0=plane0)
+    for b, (t, i, masked) in enumerate(layout):
+        row = slice(b, b + 1)
+        want = {k: args[k][row].clone() for k in ("x", "model_in", "t_in", "x0_prev")}
+        step_triton(want["x"], args["eps_hat"][row], tables[t].rows, torch.tensor([i]), seed[row],
+                    model_in=want["model_in"], t_in=want["t_in"], mask=args["mask"][row] if masked else None,
+                    x_init=args["x_init"][row] if masked else None, draws_step_noise=tables[t].draws_step_noise,
+                    x0_form=tables[t].x0_form, x0_prev=want["x0_prev"] if tables[t].history else None,
+                    plane_offset=int(plane0[b]))
+        for k in ("x", "model_in", "x0_prev", "t_in"):
+            assert torch.equal(got[k][row], want[k]), (k, layout[b])
+
+
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs the triton package (pip install 'ddpm-engine[triton]')")
+def test_the_per_slot_triton_kernel_refuses_bad_per_row_tensors(one_thread):
+    from ddpm_engine.kernels.fused_step_slots_triton import step_slots_triton
+
+    _, _, args = mixed_slots()
+    B = args["x"].shape[0]
+    ok = dict(seed=torch.zeros(B, dtype=torch.int64), plane0=torch.zeros(B, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"step must be a contiguous torch.int64 \[10\] tensor"):
+        step_slots_triton(**(copies(args) | dict(step=args["step"].int())), **ok)
+    with pytest.raises(ValueError, match=r"seed must be a contiguous torch.int64 \[10\] tensor"):
+        step_slots_triton(**copies(args), seed=torch.zeros(B - 1, dtype=torch.int64), plane0=ok["plane0"])
+    with pytest.raises(ValueError, match="paired noise needs both eps1 and eps2"):
+        step_slots_triton(**(copies(args) | dict(eps1=None)), **ok)
 
 
 def test_admission_runs_the_initial_step_for_the_new_rows_only(engine, one_thread):

@@ -19,6 +19,7 @@ triton = pytest.importorskip("triton")
 SCRIPT = textwrap.dedent(r"""
     import json, re, torch
     from ddpm_engine.kernels import fused_step_triton as k
+    from ddpm_engine.kernels import fused_step_slots_triton as ks
 
     def params_loaded(ptx, kernel):
         return {int(n) for n in re.findall(r"ld\.param\.\w+\s+%\w+,\s*\[" + kernel + r"_param_(\d+)\]", ptx)}
@@ -58,10 +59,18 @@ SCRIPT = textwrap.dedent(r"""
                                                                     has_init=False)}.items():
         ck = k.compile_initial_kernel(90, **kw)
         out[name] = dict(cubin=len(ck.asm["cubin"]), philox="mul.hi.u32" in ck.asm["ptx"])
+    for name, kw in {"slots_bf16": {}, "slots_paired_fp32": dict(model_dtype=torch.float32, eps_dtype=torch.float32,
+                                                                 paired_noise=True),
+                     "slots_three_channels_unaligned": dict(ints=dict(C=3, HW=90300, mi_sb=4 * 90300,
+                                                                      mi_sc=90300))}.items():
+        ck = ks.compile_step_slots_kernel(90, **kw)
+        out[name] = dict(cubin=len(ck.asm["cubin"]), target=ck.asm["ptx"].split(".target")[1].split()[0],
+                         philox="mul.hi.u32" in ck.asm["ptx"])
     # Each integer argument at 1 (a constexpr unless do_not_specialize), at a multiple of 16 and at another value.
     failures = {}
     for compile_fn, ints in ((k.compile_step_kernel, k.STEP_INTS), (k.compile_initial_kernel, k.INITIAL_INTS),
-                             (k.compile_noise_kernel, k.NOISE_INTS)):
+                             (k.compile_noise_kernel, k.NOISE_INTS),
+                             (ks.compile_step_slots_kernel, ks.STEP_SLOTS_INTS)):
         for name in ints:
             for value in (1, 4096, 7):
                 try:
@@ -115,6 +124,11 @@ def test_noise_uses_the_gpu_approximate_log_sin_cos(compiled):
     assert ddpm["log"] and ddpm["fast_trig"]
     assert not compiled["precise_math"]["fast_trig"]
     assert ddpm["lines"] < compiled["precise_math"]["lines"] / 2  # libdevice's precise sin/cos/log are long
+
+
+def test_the_per_slot_kernel_draws_in_kernel_unless_given_paired_noise(compiled):
+    assert compiled["slots_bf16"]["philox"] and compiled["slots_three_channels_unaligned"]["philox"]
+    assert not compiled["slots_paired_fp32"]["philox"]
 
 
 def test_aligned_tiles_get_128_bit_vector_accesses(compiled):

@@ -141,18 +141,25 @@ def preprocess(viirs: np.ndarray, oisst: np.ndarray) -> Tile:
     return Tile(t(obs), t(bg), t(cloud), t(land), lo, hi)
 
 
-def load_real_tiles(root: str | Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(name, viirs, oisst) for every VIIRS tile under root/viirs with its OISST partner under root/oisst."""
+def viirs_oisst_files(root: str | Path, oisst_infix: str = "-OISST_") -> list[tuple[Path, Path]]:
+    """(viirs, oisst) paths of every root/viirs/*_viirs_*.npy and its partner in root/oisst, named with `_viirs_`
+    replaced by `oisst_infix` (the shared tiles: `-OISST_` in sst-cloud, `_oisst_` in sst-clear)."""
     root = Path(root)
     pairs = []
     for v in sorted((root / "viirs").glob("*_viirs_*.npy")):
-        o = root / "oisst" / v.name.replace("_viirs_", "-OISST_")
+        o = root / "oisst" / v.name.replace("_viirs_", oisst_infix)
         if not o.exists():
             raise FileNotFoundError(f"no OISST tile {o} for {v}")
-        pairs.append((v.stem, np.load(v).astype(np.float32), np.load(o).astype(np.float32)))
+        pairs.append((v, o))
     if not pairs:
         raise FileNotFoundError(f"no VIIRS tiles (*_viirs_*.npy) under {root / 'viirs'}")
     return pairs
+
+
+def load_real_tiles(root: str | Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, viirs, oisst) for every VIIRS tile under root/viirs with its OISST partner under root/oisst."""
+    return [(v.stem, np.load(v).astype(np.float32), np.load(o).astype(np.float32))
+            for v, o in viirs_oisst_files(root)]
 
 
 def synthetic_tile(rng: np.random.Generator, size: int = 64) -> Tile:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import CLOUD, LAND, Tile, fill_oisst_land, normalize, preprocess
+from .data import CLOUD, LAND, Tile, fill_oisst_land, normalize, preprocess, viirs_oisst_files
 
 
 def _load(path: Path) -> np.ndarray:
@@ -20,12 +20,8 @@ def _load(path: Path) -> np.ndarray:
 
 def clear_tile_days(root: str | Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(name, viirs [H, W], oisst [H, W]) per day of every sst-clear tile; OISST resized bilinearly to the tile."""
-    root = Path(root) / "sst-clear"
     days = []
-    for v in sorted((root / "viirs").glob("*_viirs_*.npy")):
-        o = root / "oisst" / v.name.replace("_viirs_", "_oisst_")
-        if not o.exists():
-            raise FileNotFoundError(f"no OISST tile {o} for {v}")
+    for v, o in viirs_oisst_files(Path(root) / "sst-clear", "_oisst_"):
         viirs, oisst = _load(v), _load(o)
         if viirs.ndim != 3 or oisst.ndim != 3:
             raise ValueError(f"{v} and {o} must be [H, W, days] and [h, w, 1] arrays, got {viirs.shape} and {oisst.shape}")
@@ -34,8 +30,6 @@ def clear_tile_days(root: str | Path) -> list[tuple[str, np.ndarray, np.ndarray]
         grid = torch.from_numpy(fill_oisst_land(oisst[..., 0]))[None, None]
         background = F.interpolate(grid, size=viirs.shape[:2], mode="bilinear", align_corners=False)[0, 0].numpy()
         days += [(f"{v.stem}_day{d}", viirs[..., d], background) for d in range(viirs.shape[2])]
-    if not days:
-        raise FileNotFoundError(f"no clear VIIRS tiles (*_viirs_*.npy) under {root / 'viirs'}")
     return days
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ddpm_engine.models.data import (background_for, cloud_mask, denormalize, load_real_tiles, normalize, preprocess,
-                                     synthetic_sst, synthetic_tile, training_batch)
+                                     synthetic_sst, synthetic_tile, training_batch, viirs_oisst_files)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -102,3 +102,17 @@ def test_synthetic_tile_and_training_batch_shapes():
     assert torch.equal(tile.x_init * (1 - tile.mask), tile.truth * (1 - tile.mask))
     x0, bg = training_batch(rng, 3, 24)
     assert x0.shape == bg.shape == (3, 1, 24, 24) and bg.amin() == -1 and bg.amax() == 1
+
+
+def test_viirs_oisst_files_pairs_by_name_and_names_what_is_missing(tmp_path):
+    (tmp_path / "viirs").mkdir()
+    (tmp_path / "oisst").mkdir()
+    with pytest.raises(FileNotFoundError, match="no VIIRS tiles"):
+        viirs_oisst_files(tmp_path)
+    for name in ("20220101_viirs_1_2.npy", "20220101-OISST_1_2.npy", "20220101_oisst_1_2.npy"):
+        np.save(tmp_path / ("viirs" if "_viirs_" in name else "oisst") / name, np.zeros((2, 2), np.float32))
+    assert [o.name for _, o in viirs_oisst_files(tmp_path)] == ["20220101-OISST_1_2.npy"]
+    assert [o.name for _, o in viirs_oisst_files(tmp_path, "_oisst_")] == ["20220101_oisst_1_2.npy"]
+    (tmp_path / "oisst" / "20220101-OISST_1_2.npy").unlink()
+    with pytest.raises(FileNotFoundError, match="no OISST tile .*20220101-OISST_1_2.npy for"):
+        viirs_oisst_files(tmp_path)

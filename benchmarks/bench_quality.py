@@ -45,7 +45,7 @@ from ddpm_engine.engine import build, load, reference_sample  # noqa: E402
 from ddpm_engine.engine.samplers import SAMPLERS  # noqa: E402
 from ddpm_engine.models import load_model  # noqa: E402
 from ddpm_engine.models.data import denormalize  # noqa: E402
-from ddpm_engine.models.evaluate import held_out_tiles  # noqa: E402
+from ddpm_engine.models.evaluate import held_out_tiles, rmse_under_clouds  # noqa: E402
 from ddpm_engine.models.real_data import holdout_real_tiles  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -59,18 +59,18 @@ def real_tiles(root: Path, masks: int, crop: int | None) -> list:
 
 def scores(members: np.ndarray, tiles) -> dict:
     """rmse_single, rmse_mean, spread, spread_skill in deg C from members [M, N, H, W] (normalised units)."""
-    sq_single, sq_mean, var, count = np.zeros(len(members)), 0.0, 0.0, 0
+    as_pred = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[:, None]  # noqa: E731
+    m = len(members)
+    rmse_mean = rmse_under_clouds(as_pred(members.mean(0)), tiles)
+    rmse_single = float(np.mean([rmse_under_clouds(as_pred(member), tiles) for member in members]))
+    var, count = 0.0, 0  # the ensemble's spread, pooled over the same pixels
     for k, tile in enumerate(tiles):
         scored = tile.scored_pixels[0].numpy() > 0
         deg = denormalize(members[:, k].astype(np.float64), tile.lo, tile.hi)[:, scored]
-        truth = denormalize(tile.truth[0].numpy().astype(np.float64), tile.lo, tile.hi)[scored]
-        sq_single += ((deg - truth) ** 2).sum(1)
-        sq_mean += float(((deg.mean(0) - truth) ** 2).sum())
-        var += float(deg.var(0, ddof=1).sum()) if len(members) > 1 else 0.0
+        var += float(deg.var(0, ddof=1).sum()) if m > 1 else 0.0
         count += int(scored.sum())
-    m = len(members)
-    rmse_mean, spread = math.sqrt(sq_mean / count), math.sqrt(var / count)
-    return {"rmse_single": float(np.sqrt(sq_single / count).mean()), "rmse_mean": rmse_mean, "spread": spread,
+    spread = math.sqrt(var / count)
+    return {"rmse_single": rmse_single, "rmse_mean": rmse_mean, "spread": spread,
             "spread_skill": spread * math.sqrt((m + 1) / m) / rmse_mean if m > 1 else float("nan")}
 
 

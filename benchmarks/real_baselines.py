@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ddpm_engine.models.evaluate import _rmse_under_clouds  # noqa: E402
+from ddpm_engine.models.evaluate import rmse_under_clouds  # noqa: E402
 from ddpm_engine.models.real_data import holdout_real_tiles  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -51,12 +51,12 @@ def main(argv=None) -> int:
     p.add_argument("--sigmas", default="3,6,12,25", help="comma-separated Gaussian widths in pixels")
     args = p.parse_args(argv)
     tiles = [t for _, t in holdout_real_tiles(args.data, args.masks_per_day)]
-    background = _rmse_under_clouds(torch.stack([t.background for t in tiles]), tiles)
+    background = rmse_under_clouds(torch.stack([t.background for t in tiles]), tiles)
     shifted = torch.stack([residual_fill(t, None) for t in tiles])
-    rows = [("background alone", background), ("background + tile-mean residual", _rmse_under_clouds(shifted, tiles))]
+    rows = [("background alone", background), ("background + tile-mean residual", rmse_under_clouds(shifted, tiles))]
     for sigma in (float(s) for s in args.sigmas.split(",")):
         pred = torch.stack([residual_fill(t, sigma) for t in tiles])
-        rows.append((f"background + residual, Gaussian {sigma:g} px", _rmse_under_clouds(pred, tiles)))
+        rows.append((f"background + residual, Gaussian {sigma:g} px", rmse_under_clouds(pred, tiles)))
     print(f"{len(tiles)} real cases (300x300), RMSE on the hidden pixels")
     print("| fill | RMSE (C) | / background |\n|---|---|---|")
     for name, rmse in rows:

@@ -26,8 +26,8 @@ def held_out_tiles(n: int = 4, size: int = 64, seed: int = HELD_OUT_SEED) -> lis
     return [synthetic_tile(rng, size) for _ in range(n)]
 
 
-def _rmse_under_clouds(pred: torch.Tensor, tiles: list[Tile]) -> float:
-    # In deg C, pooled over the scored cloud pixels of all tiles (each tile has its own normalisation range).
+def rmse_under_clouds(pred: torch.Tensor, tiles: list[Tile]) -> float:
+    """RMSE in deg C of pred [N, 1, H, W], pooled over the scored pixels of all tiles (each in its own range)."""
     sq, count = 0.0, 0
     for p, tile in zip(pred, tiles):
         scored = tile.scored_pixels
@@ -74,9 +74,9 @@ def evaluate(model, n_tiles: int = 4, size: int = 64, timesteps: int = 100, samp
     with Stopwatch(model) as watch:
         recon = reconstruct(model, tiles, timesteps, sampler, samples, seed, t_start, init)
     return {
-        "rmse_model": _rmse_under_clouds(recon.mean(0), tiles),
-        "rmse_single": sum(_rmse_under_clouds(r, tiles) for r in recon) / samples,
-        "rmse_background": _rmse_under_clouds(torch.stack([t.background for t in tiles]), tiles),
+        "rmse_model": rmse_under_clouds(recon.mean(0), tiles),
+        "rmse_single": sum(rmse_under_clouds(r, tiles) for r in recon) / samples,
+        "rmse_background": rmse_under_clouds(torch.stack([t.background for t in tiles]), tiles),
         "timing": watch.as_dict(),
         "tiles": tiles,
         "reconstruction": recon.mean(0),

@@ -5,7 +5,7 @@ import torch
 
 from ddpm_engine.engine.cli import main
 from ddpm_engine.models.data import CLOUD, OISST_LAND, denormalize, fill_oisst_land, preprocess
-from ddpm_engine.models.evaluate import _rmse_under_clouds
+from ddpm_engine.models.evaluate import rmse_under_clouds
 from ddpm_engine.models.real_data import RealCrops, clear_tile_days, cloud_masks, hide_under_mask, holdout_real_tiles
 
 
@@ -82,9 +82,9 @@ def test_rmse_counts_only_scored_pixels_not_the_targets_own_clouds():
     tile = hide_under_mask(viirs, np.full((16, 16), 15.0, np.float32), donor)
     pred = tile.truth.clone()
     pred[0, :4, :4] = 5.0  # anything at all where nothing is known
-    assert _rmse_under_clouds(pred[None], [tile]) == 0.0
+    assert rmse_under_clouds(pred[None], [tile]) == 0.0
     pred[0, 6, 6] += 0.1  # one scored pixel off
-    assert _rmse_under_clouds(pred[None], [tile]) > 0.0
+    assert rmse_under_clouds(pred[None], [tile]) > 0.0
 
 
 def test_evaluate_cli_on_real_crops_prints_every_rmse(shared_data, capsys):

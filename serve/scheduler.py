@@ -1,9 +1,11 @@
 """Step-level batching for the service (DESIGN.md section 8): requests join the running batch between U-Net steps.
 
 One worker thread drives an `engine.slots.SlotRunner`. Between two steps it frees the slots of requests whose
-client went away or whose deadline passed, then chooses the rows of the next step shortest-remaining-first
-(SRPT) among the running, preempted and queued chunks of the batch's image size: a 20-step request that arrives
-during a 300-step one runs at once, and the longer one is preempted (its state kept) and resumes where it was.
+client went away or whose deadline passed, then chooses the rows of the next step among the running, preempted
+and queued chunks of the batch's image size, by the least arrival + remaining steps (arrival counted in steps
+run): shortest remaining work first (SRPT) among requests that arrived together, aged so that a long request
+waits behind later short ones for at most about its own length. A 20-step request that arrives during a
+300-step one runs at once, and the longer one is preempted (its state kept) and resumes where it was.
 A step holds at most `step_rows` rows: by default the fewest whose U-Net cost per row is within 2 % of the
 cheapest, measured once per image size (`choose_step_rows`), so steps are wide where batching is cheap (a GPU)
 and narrow where a row costs the same in any batch (these CPUs). A request of another image size waits until
@@ -43,7 +45,8 @@ class _Request:
     job: Job
     parts: list[SlotJob]
     waiting: collections.deque = field(default_factory=collections.deque)
-    order: int = 0  # arrival number: SRPT's tie-break, so equal work runs first come first served
+    order: int = 0  # arrival number: the tie-break, so equal work runs first come first served
+    arrival: int = 0  # steps the scheduler had run when it arrived: the priority is arrival + remaining steps
 
     @property
     def gone(self) -> bool:
@@ -65,6 +68,7 @@ class StepScheduler(WorkQueue):
         self.measured: dict[tuple[int, int], tuple[int, list[float]]] = {}  # size -> (rows, U-Net seconds)
         self._running: dict[SlotJob, _Request] = {}  # started chunks, in the slots or preempted
         self._arrivals = itertools.count()
+        self._steps_run = 0  # the scheduler's clock, in steps
         self._step_s = 0.0  # moving average of one step's duration: the Retry-After estimate
         self._thread.start()
 
@@ -78,7 +82,7 @@ class StepScheduler(WorkQueue):
         parts = self.slots.prepare(job.background, mask=job.mask, x_init=job.x_init, timesteps=job.timesteps,
                                    sampler=job.sampler, t_start=job.t_start, t_end=job.t_end, eta=job.eta,
                                    seed=job.seed)
-        self._enqueue(_Request(job, parts, collections.deque(parts), next(self._arrivals)))
+        self._enqueue(_Request(job, parts, collections.deque(parts), next(self._arrivals), self._steps_run))
         return job.future
 
     def _take_unstarted(self) -> list[Job]:
@@ -109,9 +113,9 @@ class StepScheduler(WorkQueue):
 
     @staticmethod
     def _choose(candidates: list[tuple[SlotJob, _Request]], width: int) -> list[SlotJob]:
-        """Shortest remaining work first, up to `width` rows (a chunk wider than that runs alone)."""
+        """The least arrival + remaining steps first, up to `width` rows (a chunk wider than that runs alone)."""
         chosen, rows = [], 0
-        for part, _ in sorted(candidates, key=lambda c: (c[0].remaining, c[1].order)):
+        for part, _ in sorted(candidates, key=lambda c: (c[1].arrival + c[0].remaining, c[1].order)):
             if not chosen or rows + part.rows <= width:
                 chosen.append(part)
                 rows += part.rows
@@ -177,6 +181,7 @@ class StepScheduler(WorkQueue):
                 self._fail(list(self._running), exc)
                 continue
             seconds = time.perf_counter() - start
+            self._steps_run += 1
             self._step_s = seconds if self._step_s == 0 else 0.9 * self._step_s + 0.1 * seconds
             if self.on_batch is not None:
                 self.on_batch(rows, seconds)

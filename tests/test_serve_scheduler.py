@@ -103,6 +103,30 @@ def test_a_short_request_finishes_within_its_own_steps_after_arriving(engine):
         scheduler.close()
 
 
+def test_a_stream_of_short_requests_does_not_starve_a_long_one(engine):
+    """Priority is arrival + remaining steps: short requests that keep arriving overtake a long one only while they
+    arrived before its own length had passed, so it finishes long before the stream ends (pure SRPT: last)."""
+    steps, finished = Steps(), []
+    scheduler = StepScheduler(engine, max_batch=1, on_batch=steps)
+    shorts = [Job(tile(60 + k)[0], timesteps=10, seed=60 + k) for k in range(12)]
+
+    def submit_next(_=None):  # a new short request as soon as the previous one ends: always one waiting
+        if shorts:
+            job = shorts.pop(0)
+            scheduler.submit(job).add_done_callback(lambda f, job=job: (finished.append(job), submit_next()))
+
+    try:
+        long = Job(tile(59)[0], timesteps=40, seed=59)
+        scheduler.submit(long).add_done_callback(lambda f: finished.append(long))
+        until(lambda: len(steps.rows) >= 3, what="the long request to run")
+        submit_next()
+        until(lambda: len(finished) == 13, 60, "every request")
+        assert 2 <= finished.index(long) <= 5  # overtaken by the first few short requests only
+        np.testing.assert_array_equal(long.future.result(), direct(engine, long))
+    finally:
+        scheduler.close()
+
+
 def test_cancelling_a_preempted_request_drops_it_without_another_step(engine):
     steps = Steps()
     scheduler = StepScheduler(engine, max_batch=1, on_batch=steps)

@@ -4,7 +4,8 @@
 own Triton step draws it for that request alone: Philox keyed by the request's seed, phase = its step + 1 and its
 own plane numbering (plane0[b] = the row's index within its request chunk times C, plus the channel), never by the
 slot. So a slot row equals `step_triton` run on its request alone; in the interpreter, to the last bit. The per-row
-sampler flags are runtime branches (a batch mixes samplers), the coefficients per-row loads.
+sampler flags are runtime branches (a batch mixes samplers), the coefficients per-row loads; the arithmetic is
+the engine's own step kernel's (`_step_part`), so the two cannot drift apart.
 """
 from __future__ import annotations
 
@@ -14,47 +15,7 @@ import triton.language as tl
 
 from .fused_step import check_rows
 from .fused_step_triton import (_TRITON_DTYPE, _block_and_warps, _check_common, _check_plane_offset, _check_state,
-                                _chunk_tiles, _compile, _pair_normals, _to_model_dtype, interpreting)
-
-
-@triton.jit
-def _slot_part(
-    x_ptr, eps_hat_ptr, model_in_ptr, mi_off, mask_ptr, x_init_ptr, eps1_ptr, eps2_ptr, x0_prev_ptr,
-    base, hw, HW, z2, z1, c_x, c_e, c_z, r_x, r_z, a_x, a_o, clip, b_0, b_h, draws, blend, x0_form, history, has_next,
-    PAIRED_NOISE: tl.constexpr,
-):
-    """One slot's step for the elements `hw` of one plane; the flags are runtime scalars of that slot."""
-    inb = hw < HW
-    idx = base + hw
-    x = tl.load(x_ptr + idx, mask=inb, other=0.0)
-    e = tl.load(eps_hat_ptr + idx, mask=inb, other=0.0).to(tl.float32)
-    x_next = c_x * x + c_e * e
-    if x0_form:
-        x0 = a_x * x + a_o * e
-        x0 = tl.where(clip > 0, tl.minimum(tl.maximum(x0, -clip), clip), x0)
-        x_next = x_next + b_0 * x0
-        if history:
-            x_next = x_next + b_h * tl.load(x0_prev_ptr + idx, mask=inb, other=0.0)
-            tl.store(x0_prev_ptr + idx, x0, mask=inb)
-    if draws:  # a branch, not a zero coefficient: `+ 0.0` would turn -0.0 into +0.0, unlike the spec
-        if PAIRED_NOISE:
-            n2 = tl.load(eps2_ptr + idx, mask=inb, other=0.0)
-        else:
-            n2 = z2
-        x_next = x_next + c_z * n2
-    xn = x_next
-    if blend:
-        m = tl.load(mask_ptr + idx, mask=inb, other=0.0)
-        xi = tl.load(x_init_ptr + idx, mask=inb, other=0.0)
-        if PAIRED_NOISE:
-            n1 = tl.load(eps1_ptr + idx, mask=inb, other=0.0)
-        else:
-            n1 = z1
-        known = r_x * xi + r_z * n1
-        xn = m * x_next + (1.0 - m) * known
-    tl.store(x_ptr + idx, xn, mask=inb)
-    tl.store(model_in_ptr + mi_off + hw, _to_model_dtype(xn, model_in_ptr.dtype.element_ty),
-             mask=hw < HW * has_next.to(tl.int32))
+                                _chunk_tiles, _compile, _pair_normals, _step_part, interpreting)
 
 
 @triton.jit
@@ -96,12 +57,13 @@ def _step_slots_kernel(
     if not PAIRED_NOISE:  # drawn whether this slot uses them or not: its flags are runtime values
         z2_lo, z1_lo, z2_hi, z1_hi = _pair_normals(tl.load(seed_ptr + b), tl.load(plane0_ptr + b) + c, k,
                                                    (step + 1).to(tl.uint32), FAST_MATH)
-    _slot_part(x_ptr, eps_hat_ptr, model_in_ptr, mi_off, mask_ptr, x_init_ptr, eps1_ptr, eps2_ptr, x0_prev_ptr,
-               base, hw_lo, HW, z2_lo, z1_lo, c_x, c_e, c_z, r_x, r_z, a_x, a_o, clip, b_0, b_h, draws, blend,
-               x0_form, history, has_next, PAIRED_NOISE)
-    _slot_part(x_ptr, eps_hat_ptr, model_in_ptr, mi_off, mask_ptr, x_init_ptr, eps1_ptr, eps2_ptr, x0_prev_ptr,
-               base, hw_hi, HW, z2_hi, z1_hi, c_x, c_e, c_z, r_x, r_z, a_x, a_o, clip, b_0, b_h, draws, blend,
-               x0_form, history, has_next, PAIRED_NOISE)
+    # A full [B, C, H, W] mask: its plane offset is the state's. No x_out; the flags are this slot's, at runtime.
+    _step_part(x_ptr, eps_hat_ptr, model_in_ptr, mi_off, mask_ptr, base, x_init_ptr, x_ptr, eps1_ptr, eps2_ptr,
+               x0_prev_ptr, base, hw_lo, HW, z2_lo, z1_lo, c_x, c_e, c_z, r_x, r_z, blend, has_next,
+               a_x, a_o, clip, b_0, b_h, True, draws, PAIRED_NOISE, False, x0_form, history)
+    _step_part(x_ptr, eps_hat_ptr, model_in_ptr, mi_off, mask_ptr, base, x_init_ptr, x_ptr, eps1_ptr, eps2_ptr,
+               x0_prev_ptr, base, hw_hi, HW, z2_hi, z1_hi, c_x, c_e, c_z, r_x, r_z, blend, has_next,
+               a_x, a_o, clip, b_0, b_h, True, draws, PAIRED_NOISE, False, x0_form, history)
     t_next = tl.load(nxt)
     tl.store(t_in_ptr + b, t_next.to(t_in_ptr.dtype.element_ty), mask=has_next & (c == 0) & (pid_hw == 0))
 

@@ -103,10 +103,13 @@ def _to_model_dtype(v, DT: tl.constexpr):
 def _step_part(
     x_ptr, eps_hat_ptr, model_in_ptr, mi_off, mask_ptr, m_off, x_init_ptr, x_out_ptr, eps1_ptr, eps2_ptr, x0_prev_ptr,
     base, hw, HW, z2, z1, c_x, c_e, c_z, r_x, r_z, blend, has_next, a_x, a_o, clip, b_0, b_h,
-    HAS_MASK: tl.constexpr, HAS_NOISE: tl.constexpr, PAIRED_NOISE: tl.constexpr, HAS_OUT: tl.constexpr,
-    HAS_X0: tl.constexpr, HAS_HIST: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_NOISE, PAIRED_NOISE: tl.constexpr, HAS_OUT: tl.constexpr, HAS_X0, HAS_HIST,
 ):
-    """Step i for the elements `hw` of one plane (int64 element offset `base`); z2, z1: Philox draws or unused."""
+    """Step i for the elements `hw` of one plane (int64 element offset `base`); z2, z1: Philox draws or unused.
+
+    HAS_NOISE, HAS_X0 and HAS_HIST are compile-time flags from _step_kernel and per-slot runtime flags from
+    the slots' kernel (fused_step_slots_triton): the same arithmetic either way.
+    """
     inb = hw < HW
     idx = base + hw
     x = tl.load(x_ptr + idx, mask=inb, other=0.0)
@@ -119,10 +122,12 @@ def _step_part(
         if HAS_HIST:
             x_next = x_next + b_h * tl.load(x0_prev_ptr + idx, mask=inb, other=0.0)
             tl.store(x0_prev_ptr + idx, x0, mask=inb)
-    if HAS_NOISE:
-        if PAIRED_NOISE:
-            z2 = tl.load(eps2_ptr + idx, mask=inb, other=0.0)
-        x_next = x_next + c_z * z2
+    if HAS_NOISE:  # a branch, not a zero coefficient: `+ 0.0` would turn -0.0 into +0.0, unlike the spec
+        if PAIRED_NOISE:  # new names in branches: rebinding z2 or z1 inside a runtime branch would change its type
+            n2 = tl.load(eps2_ptr + idx, mask=inb, other=0.0)
+        else:
+            n2 = z2
+        x_next = x_next + c_z * n2
     if HAS_OUT:
         tl.store(x_out_ptr + idx, x_next, mask=inb)
     xn = x_next
@@ -130,7 +135,7 @@ def _step_part(
         if blend:  # a runtime branch: no mask, x_init (or paired eps1) reads where step i + 1 does not blend
             m = tl.load(mask_ptr + m_off + hw, mask=inb, other=0.0).to(tl.float32)
             xi = tl.load(x_init_ptr + idx, mask=inb, other=0.0).to(tl.float32)
-            if PAIRED_NOISE:  # a new name: rebinding z1 inside a runtime branch would change its type
+            if PAIRED_NOISE:
                 n1 = tl.load(eps1_ptr + idx, mask=inb, other=0.0)
             else:
                 n1 = z1

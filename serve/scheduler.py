@@ -63,7 +63,8 @@ class StepScheduler(WorkQueue):
         self.slots = SlotRunner(engine, max_batch)
         self.max_batch = self.slots.slots
         if step_rows is not None and not 1 <= step_rows <= self.max_batch:
-            raise ValueError(f"step_rows must be in [1, {self.max_batch}] (the slots), got {step_rows}")
+            raise ValueError(f"step rows (--step-rows) must be in [1, {self.max_batch}] (the slots, --max-batch), "
+                             f"got {step_rows}")
         self.step_rows = step_rows  # None: measured per image size (self.measured)
         self.measured: dict[tuple[int, int], tuple[int, list[float]]] = {}  # size -> (rows, U-Net seconds)
         self._running: dict[SlotJob, _Request] = {}  # started chunks, in the slots or preempted

@@ -167,7 +167,7 @@ def test_step_rows_are_measured_once_per_image_size(engine):
         assert size == (8, 8) and len(seconds) == 4 and rows == choose_step_rows(seconds)
         scheduler.submit(Job(tile(51)[0], timesteps=2, seed=51)).result(30)
         assert scheduler.measured[size][1] is seconds  # not measured again
-        with pytest.raises(ValueError, match=r"step_rows must be in \[1, 4\]"):
+        with pytest.raises(ValueError, match=r"step rows \(--step-rows\) must be in \[1, 4\]"):
             StepScheduler(engine, max_batch=4, step_rows=5)
     finally:
         scheduler.close()

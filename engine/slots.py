@@ -14,15 +14,17 @@ see README "Step-level batching").
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ddpm_engine.kernels.fused_step import initial_torch
 from ddpm_engine.kernels.fused_step_slots import step_slots_torch
 
 from .runner import BufferSet, Runner, _randn
-from .samplers import COL_BLEND, StepTable, step_table
+from .samplers import COL_AO, COL_AX, COL_BLEND, COL_CLIP, COL_RX, COL_RZ, StepTable, step_table
 from .validation import check_seed
 
 _CARRIED = ("x", "x_init", "mask", "sample", "timestep", "x0_prev")  # per-row state that survives a change of batch layout
@@ -72,6 +74,8 @@ class SlotJob:
     step: int = 0  # steps done (host mirror of the device step index)
     start: int = -1  # first batch row while admitted
     preempted: dict[str, torch.Tensor] | None = None  # its rows of the carried state while preempted
+    preview_every: int = 0  # > 0: on_preview(steps done, x0_hat [r, C, H, W] numpy) after every that many U-Net calls
+    on_preview: Callable[[int, np.ndarray], None] | None = None
     result: torch.Tensor | None = None  # [r, C, H, W] on the CPU once finished
 
     @property
@@ -183,6 +187,9 @@ class SlotRunner:
         b, p = self._bufs, self._per_row
         with self.engine.lock:
             b.run_unet()
+            for job in self.jobs:
+                if job.preview_every and (job.step + 1) % job.preview_every == 0:
+                    job.on_preview(job.step + 1, self._x0_hat(job))
             per_row = dict(draws=p["draws"], masked=p["masked"], x0_form=p["x0_form"], history=p["history"],
                            x0_prev=b.x0_prev, model_in=b.sample, t_in=b.timestep, mask=b.mask, x_init=b.x_init)
             if self._triton:
@@ -251,6 +258,20 @@ class SlotRunner:
                     seconds.append(timed(bufs))
                     spent += seconds[-1]
         return [min(seconds) for seconds in calls]
+
+    def _x0_hat(self, job: SlotJob) -> np.ndarray:
+        """The job's current estimate of the clean image, from this step's U-Net output: x0 = a_x x + a_o o (clipped)
+        where its table has the x0 columns, else Ho et al. 2020 eq. 15 for an eps model, x0 = (x - r_z eps) / r_x
+        (r_x, r_z: sqrt(abar), sqrt(1 - abar) at the step's time, the table's renoise columns)."""
+        rows, row = slice(job.start, job.start + job.rows), job.table.rows[job.step]
+        x, out = self._bufs.x[rows], self._bufs.eps[rows].float()
+        if job.table.x0_form:
+            x0 = row[COL_AX] * x + row[COL_AO] * out
+            if row[COL_CLIP] > 0:
+                x0 = x0.clamp(-row[COL_CLIP], row[COL_CLIP])
+        else:
+            x0 = (x - row[COL_RZ] * out) / row[COL_RX]
+        return x0.cpu().numpy()
 
     def _state(self, job: SlotJob) -> dict[str, torch.Tensor]:
         """A copy of a running job's rows of the carried state (a copy: the next buffer set may be this one)."""

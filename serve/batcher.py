@@ -13,6 +13,7 @@ import concurrent.futures
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +49,8 @@ class Job:
     eta: float = 0.0
     seed: int = 0
     deadline: float = math.inf  # time.monotonic() after which the job is dropped unstarted
+    preview_every: int = 0  # step-level batching only: on_preview(steps done, x0_hat) every that many steps
+    on_preview: Callable[[int, np.ndarray], None] | None = None
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     enqueued: float = field(default_factory=time.monotonic)
 

@@ -23,7 +23,7 @@ DTYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2"), "FP64": np.dtype("<f
 # Request parameters this model takes, with their defaults (also listed in the model metadata).
 PARAMETERS = {"timesteps": 300, "sampler": "ddpm", "seed": 0, "t_start": 1.0, "t_end": 0.0, "eta": 0.0}
 # tritonclient's own request parameters: accepted, and ignored (the server's --timeout-s is every request's
-# deadline; requests are served in arrival order).
+# deadline; the scheduler orders requests itself).
 IGNORED = ("timeout", "priority")
 ACCEPTED = (*PARAMETERS, "binary_data_output", *IGNORED)
 
@@ -220,6 +220,48 @@ def parse_infer(body: bytes, header_length: str | None, engine, max_timesteps: i
             binary_out = _flag(out_params, "binary_data", binary_out)
     request_id = header.get("id")
     return job, {"id": request_id if isinstance(request_id, str) else None, "binary": binary_out}
+
+
+def parse_generate(body: bytes, engine, max_timesteps: int = 1000) -> tuple[Job, dict]:
+    """A generate_stream body (Triton's generate extension: a JSON object with the inputs as nested lists by name,
+    `parameters` as for infer plus `preview_every`, default 10) -> (validated Job with preview_every, options)."""
+    try:
+        request = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(400, f"request body is not JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise ProtocolError(400, "request must be a JSON object with the inputs by name and optional 'parameters'")
+    params = request.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ProtocolError(400, "request parameters must be a JSON object")
+    every = params.get("preview_every", 10)
+    if isinstance(every, bool) or not isinstance(every, (int, float)) or every != int(every) or every < 1:
+        raise ProtocolError(400, f"parameter 'preview_every' must be an integer >= 1, got {every!r}")
+    unknown = [k for k in request if k not in (*INPUTS, "id", "parameters")]
+    if unknown:
+        raise ProtocolError(400, f"unknown key {unknown[0]!r}; a generate request has the inputs {list(INPUTS)}, "
+                                 "'id' and 'parameters'")
+    inputs = []
+    for name in INPUTS:
+        if name in request:
+            try:
+                array = np.asarray(request[name], dtype=np.float32)
+            except (TypeError, ValueError):
+                raise ProtocolError(400, f"input {name!r} must be a nested list of numbers") from None
+            inputs.append({"name": name, "shape": list(array.shape), "datatype": "FP32", "data": array.ravel().tolist()})
+    header = {"inputs": inputs, "parameters": {k: v for k, v in params.items() if k != "preview_every"}}
+    job, options = parse_infer(json.dumps(header).encode(), None, engine, max_timesteps)
+    job.preview_every = int(every)
+    request_id = request.get("id")
+    return job, {"id": request_id if isinstance(request_id, str) else None}
+
+
+def stream_event(name: str, options: dict, step: int, steps: int, output: str, array: np.ndarray) -> bytes:
+    """One server-sent event of generate_stream: the model, the steps done of `steps`, `output` as a nested list."""
+    event = {"model_name": name, "model_version": VERSION, "step": step, "steps": steps, output: array.tolist()}
+    if options.get("id") is not None:
+        event["id"] = options["id"]
+    return b"data: " + json.dumps(event).encode() + b"\n\n"
 
 
 def validate(engine, job: Job) -> None:

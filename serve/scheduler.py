@@ -83,6 +83,11 @@ class StepScheduler(WorkQueue):
         parts = self.slots.prepare(job.background, mask=job.mask, x_init=job.x_init, timesteps=job.timesteps,
                                    sampler=job.sampler, t_start=job.t_start, t_end=job.t_end, eta=job.eta,
                                    seed=job.seed)
+        if job.preview_every:
+            if len(parts) > 1:
+                raise ValueError(f"previews need a request of at most {self.engine.max_batch} images (the engine's "
+                                 f"batch), got {job.rows}")
+            parts[0].preview_every, parts[0].on_preview = job.preview_every, job.on_preview
         self._enqueue(_Request(job, parts, collections.deque(parts), next(self._arrivals), self._steps_run))
         return job.future
 

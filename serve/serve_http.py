@@ -19,7 +19,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import oip
@@ -74,7 +74,7 @@ class Service:
         model = [Route("/v2/models/{model}" + v + p, f, methods=[m])
                  for v in ("", "/versions/{version}")
                  for p, f, m in (("", self.model_metadata, "GET"), ("/ready", self.model_ready, "GET"),
-                                 ("/infer", self.infer, "POST"))]
+                                 ("/infer", self.infer, "POST"), ("/generate_stream", self.generate_stream, "POST"))]
         routes = [Route("/v2", self.server_metadata), Route("/v2/health/live", self.live),
                   Route("/v2/health/ready", self.ready), Route("/metrics", self.metrics), *model]
         self.app = Starlette(routes=routes, lifespan=self._lifespan,
@@ -228,6 +228,63 @@ class Service:
         reply = lambda: oip.infer_response(result, self.name, options, job.seed)  # noqa: E731
         body, headers = reply() if result.size < 1 << 16 else await asyncio.to_thread(reply)  # big JSON: off the loop
         return Response(body, headers=headers)
+
+
+    async def generate_stream(self, request: Request) -> Response:
+        """Server-sent events: the x0 preview every `preview_every` steps, then the sample (step-level batching)."""
+        bad = self._check_model(request)
+        if bad is not None:
+            return bad
+        if self.draining or self.batcher.closed:
+            return error(503, "the service is shutting down", {"Retry-After": "5"})
+        if not isinstance(self.batcher, StepScheduler):
+            return error(400, "previews need step-level batching; this server runs --batching request")
+        deadline, loop, previews = time.monotonic() + self.timeout_s, asyncio.get_running_loop(), asyncio.Queue()
+        try:
+            body = await self._read_body(request)
+            job, options = oip.parse_generate(body, self.engine, self.max_timesteps)
+            job.deadline = deadline
+            job.on_preview = lambda step, x0: loop.call_soon_threadsafe(previews.put_nowait, (step, x0))
+            future = self.batcher.submit(job)
+        except oip.ProtocolError as exc:
+            return error(exc.status, exc.message, exc.headers)
+        except QueueFull as exc:
+            return error(503, f"server busy: {exc}", {"Retry-After": str(exc.retry_after_s)})
+        except ShuttingDown as exc:
+            return error(503, str(exc), {"Retry-After": "5"})
+        except ValueError as exc:
+            return error(400, str(exc))
+        self.requests.labels("200").inc()
+        event = lambda step, output, array: oip.stream_event(  # noqa: E731
+            self.name, options, step, job.timesteps, output, array)
+
+        async def events():
+            result = asyncio.wrap_future(future)
+            try:
+                while True:
+                    preview = asyncio.ensure_future(previews.get())
+                    done, _ = await asyncio.wait({preview, result}, timeout=max(0.0, deadline - time.monotonic()),
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    if preview in done:
+                        step, x0 = preview.result()
+                        yield event(step, "x0_preview", x0)
+                        continue
+                    preview.cancel()
+                    while not previews.empty():  # previews queued before the result was set
+                        step, x0 = previews.get_nowait()
+                        yield event(step, "x0_preview", x0)
+                    if result in done and not result.cancelled() and result.exception() is None:
+                        yield event(job.timesteps, oip.OUTPUT, result.result())
+                    else:
+                        failure = (result.exception() if result in done and not result.cancelled()
+                                   else f"no result within the {self.timeout_s:g} s timeout")
+                        yield b"data: " + json.dumps({"error": str(failure)}).encode() + b"\n\n"
+                    return
+            finally:
+                if not future.done():
+                    future.cancel()  # the client went away: its slot is freed at the next step
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def model_name(directory) -> str:

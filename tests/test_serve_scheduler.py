@@ -335,3 +335,75 @@ def test_a_client_that_disconnects_frees_its_slot(engine):
         np.testing.assert_array_equal(output(r), engine.sample(bg, timesteps=4, seed=21))
     finally:
         running.stop()
+
+
+# -- previews: generate_stream (server-sent events) ------------------------------------------------
+
+def stream_events(base, body, timeout=60):
+    """(status, [event dicts]) of a generate_stream request."""
+    with httpx.stream("POST", base + URL + "/generate_stream", json=body, timeout=timeout) as r:
+        if r.status_code != 200:
+            r.read()
+            return r.status_code, [r.json()]
+        assert r.headers["content-type"].startswith("text/event-stream")
+        return 200, [json.loads(line[len("data: "):]) for line in r.iter_lines() if line]
+
+
+def test_generate_stream_sends_x0_previews_then_the_exact_sample(engine):
+    running = Running(engine, batching="step")
+    bg, x_init, mask = tile(80)
+    try:
+        status, events = stream_events(running.base, {
+            "id": "r1", "background": bg.tolist(), "mask": mask.tolist(), "x_init": x_init.tolist(),
+            "parameters": {"timesteps": 10, "sampler": "ddim", "seed": 8, "preview_every": 4}})
+    finally:
+        running.stop()
+    assert status == 200
+    assert [(e["step"], e["steps"], "x0_preview" in e) for e in events] == [(4, 10, True), (8, 10, True),
+                                                                          (10, 10, False)]
+    assert all(e["id"] == "r1" and e["model_name"] == "tiny" for e in events)
+    assert np.asarray(events[0]["x0_preview"]).shape == (1, 1, 8, 8)
+    want = engine.sample(bg, mask=mask, x_init=x_init, timesteps=10, sampler="ddim", seed=8)
+    np.testing.assert_array_equal(np.asarray(events[-1]["sample"], np.float32), want)
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"background": [[[[0.0]]]], "parameters": {"preview_every": 0}}, "'preview_every' must be an integer >= 1"),
+    ({"background": [[[[0.0]]]], "parameters": {"preview_every": 2.5}}, "'preview_every' must be an integer >= 1"),
+    ({"backgrund": [[[[0.0]]]]}, "unknown key 'backgrund'"),
+    ({"background": "zeros"}, "input 'background'"),
+    ({"background": np.zeros((5, 1, 8, 8)).tolist(), "parameters": {"timesteps": 2}},
+     "previews need a request of at most 4 images"),
+    ({"background": np.zeros((1, 1, 8, 8)).tolist(), "parameters": {"samplr": "ddim"}}, "unknown parameter 'samplr'"),
+], ids=["zero", "fraction", "typo", "not-numbers", "too-many-images", "unknown-parameter"])
+def test_generate_stream_refuses_bad_requests_naming_the_problem(engine, body, message):
+    running = Running(engine, batching="step")
+    try:
+        status, (reply,) = stream_events(running.base, body)
+    finally:
+        running.stop()
+    assert status == 400 and message in reply["error"], reply
+
+
+def test_generate_stream_needs_step_level_batching(engine):
+    running = Running(engine, batching="request")
+    try:
+        status, (reply,) = stream_events(running.base, {"background": tile(81)[0].tolist()})
+    finally:
+        running.stop()
+    assert status == 400 and "previews need step-level batching" in reply["error"]
+
+
+def test_a_stream_client_that_goes_away_frees_its_slot(engine):
+    running = Running(engine, max_batch=1, batching="step")
+    scheduler, steps = running.service.batcher, Steps()
+    scheduler.on_batch = steps
+    try:
+        body = {"background": tile(82)[0].tolist(), "parameters": {"timesteps": 1000, "preview_every": 1}}
+        with httpx.stream("POST", running.base + URL + "/generate_stream", json=body, timeout=30) as r:
+            first = next(line for line in r.iter_lines() if line)
+            assert json.loads(first[len("data: "):])["step"] == 1
+        until(lambda: scheduler.slots.busy == 0 and not scheduler._running, 10, "the slot to be freed")
+        assert len(steps.rows) < 1000  # stopped, not run to the end
+    finally:
+        running.stop()

@@ -128,7 +128,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    "as CARE-SST's partial-noise runs (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling noise seed (default %(default)s)")
     p.add_argument("--figure", help="write observed | background | reconstruction | truth to this PNG")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads: torch's, and the --engine backend's "
+                   "(default: their own choice)")
 
 
 def register(subparsers) -> None:
@@ -159,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     if args.engine:
         from ..engine.api import load
 
-        engine = model = load(args.engine)
+        engine = model = load(args.engine, threads=args.threads)
     else:
         engine, model = None, load_model(args.model)
     load_seconds = time.perf_counter() - start

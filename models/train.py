@@ -38,6 +38,8 @@ class TrainConfig:
     seed: int = 0
     real: str = ""  # shared data folder: mix nearly clear crops of its real sst-cloud tiles into every batch
     real_fraction: float = 0.5  # the share of each batch that is real crops (with `real`)
+    real_crop: int = 0  # size of the real crops; 0: the same as `crop` (larger ones see more of a real tile)
+    real_min_clear: float = 0.95  # the least clear share of a real crop (its gaps are left out of the loss)
     init_from: str = ""  # start from these weights (a preset name or checkpoint directory): fine-tuning
 
 
@@ -79,8 +81,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
         raise ValueError("need 8 <= crop <= size, batch >= 1, max_steps >= 1 and max_minutes > 0")
     if not 0.0 <= cfg.real_fraction <= 1.0:
         raise ValueError(f"real_fraction must be in [0, 1], got {cfg.real_fraction}")
+    if cfg.real_crop and cfg.real_crop < 8 or not 0.0 < cfg.real_min_clear <= 1.0:
+        raise ValueError(f"need real_crop 0 or >= 8 and real_min_clear in (0, 1], got {cfg.real_crop} and "
+                         f"{cfg.real_min_clear}")
     n_real = round(cfg.batch * cfg.real_fraction) if cfg.real else 0
-    crops = RealCrops(cfg.real, cfg.crop) if n_real else None
+    real_crop = cfg.real_crop or cfg.crop
+    crops = RealCrops(cfg.real, real_crop, min_clear=cfg.real_min_clear) if n_real else None
     out_dir = Path(out_dir)
     preset = {**PRESETS[cfg.preset]}
     preset["model"] = {**preset["model"], **(model_overrides or {})}
@@ -127,11 +133,18 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
         valid = None
         if crops is not None:
             rx0, rbg, rvalid = crops.batch(rng, n_real)
-            x0, bg = torch.cat([x0, rx0]), torch.cat([bg, rbg])
-            valid = torch.cat([torch.ones_like(x0[: cfg.batch - n_real]), rvalid])
+            if real_crop == cfg.crop:
+                x0, bg = torch.cat([x0, rx0]), torch.cat([bg, rbg])
+                valid = torch.cat([torch.ones_like(x0[: cfg.batch - n_real]), rvalid])
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        loss = diffusion_loss(model, x0, bg, schedule, gen, valid)
+        if crops is not None and real_crop != cfg.crop:
+            # Crops of two sizes cannot share a batch: one loss each, weighted by their share of the batch.
+            loss = diffusion_loss(model, rx0, rbg, schedule, gen, rvalid) * (n_real / cfg.batch)
+            if n_real < cfg.batch:
+                loss = loss + diffusion_loss(model, x0, bg, schedule, gen) * (1 - n_real / cfg.batch)
+        else:
+            loss = diffusion_loss(model, x0, bg, schedule, gen, valid)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -179,6 +192,10 @@ def register(subparsers) -> None:
                    "`ddpm-engine evaluate --real` scores are never trained on)")
     p.add_argument("--real-fraction", type=float, default=d.real_fraction,
                    help="with --real: the share of each batch that is real crops (default %(default)s)")
+    p.add_argument("--real-crop", type=int, default=d.real_crop, help="with --real: the real crops' size, which may "
+                   "exceed --size (default: --crop)")
+    p.add_argument("--real-min-clear", type=float, default=d.real_min_clear,
+                   help="with --real: the least clear share of a real crop (default %(default)s)")
     p.add_argument("--init-from", default=d.init_from, metavar="MODEL",
                    help="fine-tune: start from these weights (preset name or checkpoint directory)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT holds a run")

@@ -143,3 +143,20 @@ def test_fine_tuning_on_real_crops_starts_from_the_given_weights(shared_data, tm
     assert all(torch.allclose(before[k], after[k], atol=1e-5) for k in before)  # lr ~ 0: still the start weights
     with pytest.raises(ValueError, match="real_fraction must be in"):
         train(TrainConfig(real=str(shared_data), real_fraction=1.5), tmp_path / "bad", progress=False)
+
+
+def test_real_crops_may_be_larger_and_cloudier_than_the_synthetic_crops(shared_data, tmp_path):
+    from ddpm_engine.models.train import TrainConfig, train
+
+    tiny_net = dict(dim=4, embed_dim=16, heads=2, dim_head=8)
+    cfg = TrainConfig(max_steps=2, size=16, crop=12, batch=2, warmup=1, real=str(shared_data), real_fraction=0.5,
+                      real_crop=48, real_min_clear=0.7)
+    summary = train(cfg, tmp_path / "big", progress=False, model_overrides=tiny_net)
+    assert summary["step"] == 2 and np.isfinite(summary["loss_last_100"])
+    assert summary["train"]["real_crop"] == 48 and summary["train"]["real_min_clear"] == 0.7
+    crops = RealCrops(shared_data, crop=48, min_clear=0.7)
+    _, _, valid = crops.batch(np.random.default_rng(0), 8)
+    assert valid.shape == (8, 1, 48, 48) and (valid.mean(dim=(1, 2, 3)) >= 0.7).all()
+    for bad in (dict(real_crop=4), dict(real_min_clear=0.0)):
+        with pytest.raises(ValueError, match="real_crop 0 or >= 8"):
+            train(TrainConfig(real=str(shared_data), **bad), tmp_path / "bad", progress=False)

@@ -42,7 +42,7 @@ def register(subparsers) -> None:
                    "batching); request: whole requests with equal settings share one sampling call")
     p.add_argument("--step-rows", type=_positive(int), default=None,
                    help="with --batching step: most images per U-Net step (default: measured at each image size's "
-                   "first request, the fewest whose cost per image is within 2 %% of the cheapest); each step runs "
+                   "first request, the most whose cost per image is within 2 %% of the cheapest); each step runs "
                    "the requests with the least arrival + steps left, so short requests overtake long ones")
     p.add_argument("--batch-window-ms", type=float, default=5.0,
                    help="with --batching request: how long the oldest waiting request waits for others to share "

@@ -148,13 +148,14 @@ def test_cancelling_a_preempted_request_drops_it_without_another_step(engine):
 
 
 @pytest.mark.parametrize("seconds,rows", [
-    ([1.0, 2.0, 3.0, 4.0], 1),  # a row costs the same in any batch (these CPUs): narrow steps
+    ([1.0, 2.0, 3.0, 4.0], 4),  # a row costs the same in any batch: all slots
     ([1.0, 1.02, 1.05, 1.1], 4),  # batching is nearly free (a GPU): all slots
-    ([1.0, 1.2, 3.6, 4.2], 2),  # cheapest per row at 2
-    ([1.0, 2.0, 3.0, 3.94], 1),  # 1.5 % cheaper per row at 4: inside the tolerance, not worth the latency
-    ([1.0, 2.0, 3.0, 3.9], 4),  # 2.5 % cheaper: worth it
+    ([1.0, 1.2, 3.6, 4.2], 2),  # cheapest per row at 2, wider steps cost more per row
+    ([1.0, 2.0, 3.0, 4.06], 4),  # 1.5 % more per row at 4: inside the tolerance
+    ([1.0, 2.0, 3.0, 4.1], 3),  # 2.5 % more per row at 4: one row fewer
+    ([1.0, 2.5, 3.6, 5.0], 1),  # a lone row is the cheapest
 ])
-def test_step_rows_are_the_fewest_within_tolerance_of_the_cheapest_per_row(seconds, rows):
+def test_step_rows_are_the_most_within_tolerance_of_the_cheapest_per_row(seconds, rows):
     assert choose_step_rows(seconds) == rows
 
 

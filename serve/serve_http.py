@@ -211,16 +211,10 @@ class Service:
             job.deadline = deadline
             future = self.batcher.submit(job)
             result = await self._wait(request, future, deadline - time.monotonic())
-        except oip.ProtocolError as exc:
-            return error(exc.status, exc.message, exc.headers)
-        except QueueFull as exc:
-            return error(503, f"server busy: {exc}", {"Retry-After": str(exc.retry_after_s)})
-        except ShuttingDown as exc:
-            return error(503, str(exc), {"Retry-After": "5"})
+        except (oip.ProtocolError, QueueFull, ShuttingDown, ValueError) as exc:
+            return refusal(exc)
         except RequestTimeout as exc:
             return error(504, str(exc))
-        except ValueError as exc:  # refused by the engine itself
-            return error(400, str(exc))
         except Exception as exc:  # noqa: BLE001 - a failed engine call is this request's 500, not the server's
             return error(500, f"sampling failed: {type(exc).__name__}: {exc}")
         if result is None:
@@ -246,14 +240,8 @@ class Service:
             job.deadline = deadline
             job.on_preview = lambda step, x0: loop.call_soon_threadsafe(previews.put_nowait, (step, x0))
             future = self.batcher.submit(job)
-        except oip.ProtocolError as exc:
-            return error(exc.status, exc.message, exc.headers)
-        except QueueFull as exc:
-            return error(503, f"server busy: {exc}", {"Retry-After": str(exc.retry_after_s)})
-        except ShuttingDown as exc:
-            return error(503, str(exc), {"Retry-After": "5"})
-        except ValueError as exc:
-            return error(400, str(exc))
+        except (oip.ProtocolError, QueueFull, ShuttingDown, ValueError) as exc:
+            return refusal(exc)
         self.requests.labels("200").inc()
         event = lambda step, output, array: oip.stream_event(  # noqa: E731
             self.name, options, step, job.timesteps, output, array)
@@ -285,6 +273,18 @@ class Service:
                     future.cancel()  # the client went away: its slot is freed at the next step
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def refusal(exc: Exception) -> Response:
+    """The response to a request refused before it ran: the protocol's status, 503 with Retry-After when the
+    queue is full or the service stopping, 400 for inputs the engine refuses (ValueError)."""
+    if isinstance(exc, oip.ProtocolError):
+        return error(exc.status, exc.message, exc.headers)
+    if isinstance(exc, QueueFull):
+        return error(503, f"server busy: {exc}", {"Retry-After": str(exc.retry_after_s)})
+    if isinstance(exc, ShuttingDown):
+        return error(503, str(exc), {"Retry-After": "5"})
+    return error(400, str(exc))
 
 
 def model_name(directory) -> str:

@@ -76,7 +76,7 @@ def test_alphas_cumprod_equal_diffusers_float32_ones_to_their_rounding(beta_sche
     assert ours.alphas_cumprod.dtype == np.float64
 
 
-@pytest.mark.parametrize("spacing,offset", itertools.product(["leading", "trailing", "linspace"], [0, 1]))
+@pytest.mark.parametrize("spacing,offset", list(itertools.product(["leading", "trailing", "linspace"], [0, 1])))
 def test_timesteps_equal_diffusers_for_every_spacing(spacing, offset):
     schedule = DiscreteSchedule(timestep_spacing=spacing, steps_offset=offset)
     for steps in (1, 3, 7, 10, 25, 50, 333):

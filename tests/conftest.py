@@ -94,3 +94,23 @@ def tiny_engine_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("engines") / "tiny"
     build(model, out, backend="onnxruntime", batch=(1, 2, 4), size=((8, 8), (16, 16), (32, 32)))
     return out
+
+
+_EXIT_STATUS = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Leave with pytest's own status, skipping native teardown: in fresh CI venvs the process segfaulted in 2 of 3
+    full runs *after* pytest had printed "706 passed" (a native library's exit-time destructors; faulthandler
+    printed nothing, so Python had already finalised). Cause not found yet; failures still fail, as before."""
+    if _EXIT_STATUS and os.environ.get("DDPM_ENGINE_NATIVE_TEARDOWN") != "1":
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT_STATUS[-1])

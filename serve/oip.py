@@ -181,7 +181,11 @@ def _flag(params: dict, name: str, default: bool) -> bool:
 
 def parse_infer(body: bytes, header_length: str | None, engine, max_timesteps: int = 1000) -> tuple[Job, dict]:
     """An infer request body -> (validated Job, response options {id, binary}); ProtocolError(400) when wrong."""
-    header, binary = _split_body(body, header_length)
+    return _parse_request(*_split_body(body, header_length), engine, max_timesteps)
+
+
+def _parse_request(header: dict, binary: memoryview, engine, max_timesteps: int) -> tuple[Job, dict]:
+    """A decoded infer header and its binary tensor data -> (validated Job, response options)."""
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise ProtocolError(400, "request must have a non-empty 'inputs' list (background, optional mask, x_init)")
@@ -248,9 +252,10 @@ def parse_generate(body: bytes, engine, max_timesteps: int = 1000) -> tuple[Job,
                 array = np.asarray(request[name], dtype=np.float32)
             except (TypeError, ValueError):
                 raise ProtocolError(400, f"input {name!r} must be a nested list of numbers") from None
-            inputs.append({"name": name, "shape": list(array.shape), "datatype": "FP32", "data": array.ravel().tolist()})
+            inputs.append({"name": name, "shape": list(array.shape), "datatype": "FP32",
+                           "data": array.ravel().tolist()})
     header = {"inputs": inputs, "parameters": {k: v for k, v in params.items() if k != "preview_every"}}
-    job, options = parse_infer(json.dumps(header).encode(), None, engine, max_timesteps)
+    job, options = _parse_request(header, memoryview(b""), engine, max_timesteps)
     job.preview_every = int(every)
     request_id = request.get("id")
     return job, {"id": request_id if isinstance(request_id, str) else None}

@@ -8,9 +8,9 @@ waits behind later short ones for at most about its own length. A 20-step reques
 300-step one runs at once, and the longer one is preempted (its state kept) and resumes where it was.
 A step holds at most `step_rows` rows: by default the most whose U-Net cost per row is within 2 % of the
 cheapest, measured once per image size (`choose_step_rows`): all slots where a row costs no more in a wider
-batch (a GPU; these CPUs at small tiles), fewer where wider steps cost more per row. A request of another image size waits until
-the running batch has drained, then starts one of its own; while it waits, no new request of the running size
-starts. Same interface as `batcher.Batcher`, so the service can run either.
+batch (a GPU; these CPUs at small tiles), fewer where wider steps cost more per row. A request of another image
+size waits until the running batch has drained, then starts one of its own; while it waits, no new request of
+the running size starts. Same interface as `batcher.Batcher`, so the service can run either.
 """
 from __future__ import annotations
 

@@ -223,7 +223,6 @@ class Service:
         body, headers = reply() if result.size < 1 << 16 else await asyncio.to_thread(reply)  # big JSON: off the loop
         return Response(body, headers=headers)
 
-
     async def generate_stream(self, request: Request) -> Response:
         """Server-sent events: the x0 preview every `preview_every` steps, then the sample (step-level batching)."""
         bad = self._check_model(request)

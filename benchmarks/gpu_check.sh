@@ -38,6 +38,7 @@ per_test=()
 "$py" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout=90)
 pytest=("$py" -m pytest -q -p no:cacheprovider -rfEs "${per_test[@]}")
 run pytest_cuda 100 "${pytest[@]}" -m "not tensorrt" tests/test_engine_cuda.py
+run pytest_slots_cuda 60 "${pytest[@]}" -m cuda tests/test_engine_slots.py
 run pytest_kernels_step 90 "${pytest[@]}" tests/test_kernels_step.py
 run pytest_kernels_noise 45 "${pytest[@]}" tests/test_kernels_noise.py
 run pytest_kernels_compile 75 "${pytest[@]}" tests/test_kernels_compile.py

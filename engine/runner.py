@@ -47,6 +47,7 @@ class BufferSet:
     step: torch.Tensor  # int64 [1]: the step index the kernel reads (advanced on the device)
     seed: torch.Tensor  # int64 [1]: the Philox key
     rows: dict[int, torch.Tensor] = field(default_factory=dict)  # step table buffers per T (graphs read them)
+    slot_rows: dict[str, torch.Tensor] = field(default_factory=dict)  # a SlotRunner's per-row tables (graphs read them)
     run_unet: Callable[[], None] | None = None
     graphs: dict = field(default_factory=dict)  # (T, draws_noise, masked, x0_form, history) -> (graph, addresses)
 
@@ -249,19 +250,26 @@ class Runner:
             if self.debug and addresses != bufs.addresses():
                 raise RuntimeError("CUDA graph buffers moved since capture: the graph would read stale memory")
             return graph
-        # Warm up on a side stream (lazy initialisation, autotuning and TensorRT's first enqueue must not
-        # be captured), then capture on it; the step counter is restored so the replayed run starts at 0.
-        restored = (bufs.x, bufs.sample, bufs.timestep, bufs.step, bufs.x0_prev)
-        saved = tuple(buf.clone() for buf in restored)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            one_step()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=side):
-            one_step()
-        for buf, value in zip(restored, saved):
-            buf.copy_(value)
+        graph = capture_step(one_step, (bufs.x, bufs.sample, bufs.timestep, bufs.step, bufs.x0_prev), self.device,
+                             self._pool)
         bufs.graphs[key] = (graph, bufs.addresses())
         return graph
+
+
+def capture_step(one_step: Callable[[], None], changed: tuple[torch.Tensor, ...], device: torch.device,
+                 pool) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of one step. Warmed up on a side stream first (lazy initialisation, autotuning and TensorRT's
+    first enqueue must not be captured), then captured on it; the buffers the step changes are restored after
+    both runs, so the first replay starts from the state the caller left."""
+    saved = tuple(buf.clone() for buf in changed)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        one_step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, stream=side):
+        one_step()
+    for buf, value in zip(changed, saved):
+        buf.copy_(value)
+    return graph

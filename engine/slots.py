@@ -23,7 +23,7 @@ import torch
 from ddpm_engine.kernels.fused_step import initial_torch
 from ddpm_engine.kernels.fused_step_slots import step_slots_torch
 
-from .runner import BufferSet, Runner, _randn
+from .runner import BufferSet, Runner, _randn, capture_step
 from .samplers import COL_AO, COL_AX, COL_BLEND, COL_CLIP, COL_RX, COL_RZ, StepTable, step_table
 from .validation import check_seed
 
@@ -94,7 +94,7 @@ class SlotJob:
 class SlotRunner:
     """Up to `slots` rows of any requests of one image size, stepped together; not thread-safe (one worker drives it)."""
 
-    def __init__(self, engine, slots: int | None = None):
+    def __init__(self, engine, slots: int | None = None, cuda_graphs: bool = True):
         slots = engine.max_batch if slots is None else slots
         if not 1 <= slots <= engine.max_batch:
             raise ValueError(f"slots must be in [1, {engine.max_batch}] (the engine's built maximum batch), got {slots}")
@@ -110,6 +110,11 @@ class SlotRunner:
         # Buffers of its own on the same backend: an Engine.sample call between two steps must not overwrite slots.
         self._runner = Runner(engine.runner.backend, c_out=engine.c_out, c_in=engine.c_in, step="torch",
                               cuda_graphs=False)
+        # Where the engine's own loop replays CUDA graphs (Triton step on CUDA, a capturable backend), so do the
+        # slots: one graph per slot count (buffer set), valid for any mix of requests, since every per-row input
+        # of the step lives in that set's persistent tensors.
+        self.cuda_graphs = cuda_graphs and engine.runner.cuda_graphs
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self.jobs: list[SlotJob] = []  # admitted, in row order
         self._bufs: BufferSet | None = None
         self._per_row: dict[str, torch.Tensor] = {}
@@ -184,25 +189,16 @@ class SlotRunner:
         """One U-Net call over the busy slots and one per-row fused step; returns the jobs that finished (freed)."""
         if not self.jobs:
             return []
-        b, p = self._bufs, self._per_row
+        b = self._bufs
         with self.engine.lock:
-            b.run_unet()
-            for job in self.jobs:
-                if job.preview_every and (job.step + 1) % job.preview_every == 0:
-                    job.on_preview(job.step + 1, self._x0_hat(job))
-            per_row = dict(draws=p["draws"], masked=p["masked"], x0_form=p["x0_form"], history=p["history"],
-                           x0_prev=b.x0_prev, model_in=b.sample, t_in=b.timestep, mask=b.mask, x_init=b.x_init)
-            if self._triton:
-                self._step_slots_triton(b.x, b.eps, p["table"], p["offset"], p["step"], p["length"], p["seed"],
-                                        p["plane0"], **per_row)
+            previews = [j for j in self.jobs if j.preview_every and (j.step + 1) % j.preview_every == 0]
+            if self.cuda_graphs and not previews:  # a preview reads the U-Net output between the two: no graph
+                self._graph().replay()
             else:
-                for job in self.jobs:  # each job's own draws for its step: eps2, then the eps1 of its next blend
-                    rows = slice(job.start, job.start + job.rows)
-                    blend_next = job.step + 1 < job.table.timesteps and job.blends[job.step + 1]
-                    job.noise.draw(job.step + 1, b.noise[0][rows], b.noise[1][rows], job.table.draws_step_noise,
-                                   blend_next)
-                step_slots_torch(b.x, b.eps, p["table"], p["offset"], p["step"], p["length"], *b.noise, **per_row)
-            p["step"].add_(1)
+                b.run_unet()
+                for job in previews:
+                    job.on_preview(job.step + 1, self._x0_hat(job))
+                self._fused_step()
             finished = []
             for job in self.jobs:
                 job.step += 1
@@ -212,6 +208,35 @@ class SlotRunner:
             if finished:
                 self._layout([j for j in self.jobs if j.result is None])
         return finished
+
+    def _fused_step(self) -> None:
+        """Every slot's fused step after the U-Net call, then step += 1 on the device."""
+        b, p = self._bufs, self._per_row
+        per_row = dict(draws=p["draws"], masked=p["masked"], x0_form=p["x0_form"], history=p["history"],
+                       x0_prev=b.x0_prev, model_in=b.sample, t_in=b.timestep, mask=b.mask, x_init=b.x_init)
+        if self._triton:
+            self._step_slots_triton(b.x, b.eps, p["table"], p["offset"], p["step"], p["length"], p["seed"],
+                                    p["plane0"], **per_row)
+        else:
+            for job in self.jobs:  # each job's own draws for its step: eps2, then the eps1 of its next blend
+                rows = slice(job.start, job.start + job.rows)
+                blend_next = job.step + 1 < job.table.timesteps and job.blends[job.step + 1]
+                job.noise.draw(job.step + 1, b.noise[0][rows], b.noise[1][rows], job.table.draws_step_noise,
+                               blend_next)
+            step_slots_torch(b.x, b.eps, p["table"], p["offset"], p["step"], p["length"], *b.noise, **per_row)
+        p["step"].add_(1)
+
+    def _graph(self) -> torch.cuda.CUDAGraph:
+        """The captured step (U-Net + fused step + step += 1) of the current buffer set, captured on first use."""
+        b = self._bufs
+        if "slots" not in b.graphs:
+            def one_step():
+                b.run_unet()
+                self._fused_step()
+
+            b.graphs["slots"] = capture_step(one_step, (b.x, b.sample, b.timestep, b.x0_prev, self._per_row["step"]),
+                                             self.device, self._pool)
+        return b.graphs["slots"]
 
     def evict(self, jobs) -> None:
         """Free the slots of jobs that will not finish (cancelled, past their deadline); effective from the next step."""
@@ -305,7 +330,18 @@ class SlotRunner:
                                ("x0_form", j.table.x0_form), ("history", j.table.history)):
                 per_row[key] += [value] * j.rows
             offset += j.table.timesteps
-        dev = self.device
-        self._per_row = {k: torch.tensor(v, dtype=torch.bool if k in flags else torch.int64, device=dev)
-                         for k, v in per_row.items()}
-        self._per_row["table"] = torch.cat([j.table.rows for j in jobs])
+        # Copied into the buffer set's persistent per-row tensors, never reallocated (its captured graph reads
+        # them); the concatenated step table only grows, and a larger one means capturing that graph again.
+        tables, dev = self._bufs.slot_rows, self.device
+        for key, value in per_row.items():
+            dtype = torch.bool if key in flags else torch.int64
+            if key not in tables:
+                tables[key] = torch.empty(n, dtype=dtype, device=dev)
+            tables[key].copy_(torch.tensor(value, dtype=dtype))
+        table = torch.cat([j.table.rows for j in jobs])
+        if "table" not in tables or tables["table"].shape[0] < table.shape[0]:
+            tables["table"] = torch.zeros(1 << (table.shape[0] - 1).bit_length(), table.shape[1],
+                                          dtype=table.dtype, device=dev)
+            self._bufs.graphs.pop("slots", None)
+        tables["table"][:table.shape[0]].copy_(table)
+        self._per_row = tables

@@ -334,3 +334,44 @@ def test_slots_on_cuda_with_the_torch_step(tiny_engine_dir):
     got, _ = run_staggered(SlotRunner(engine, slots=4), reqs, [0, 3, 1, 0, 6, 2, 9, 1, 4])
     for k, r in enumerate(reqs):
         np.testing.assert_allclose(got[k], engine.sample(**r), atol=2e-4, err_msg=f"request {k}: {MIXED[k]}")
+
+
+def test_each_slot_count_keeps_its_per_row_tensors_so_its_cuda_graph_stays_valid(engine, one_thread):
+    """A slot count's captured graph reads that buffer set's per-row tensors: a new mix of requests at the same count
+    is copied into them (same addresses, graph kept); only a longer concatenated table reallocates, dropping the
+    graph so that it is captured again. Checked here on the CPU, where the same layout code runs."""
+    runner = SlotRunner(engine, slots=4)
+    reqs = requests()
+    a, = runner.prepare(**reqs[0])  # 1 row, 7 steps
+    b, = runner.prepare(**reqs[1])  # 2 rows, 5 steps
+    runner.admit(a)
+    runner.admit(b)
+    bufs = runner._bufs
+    addresses = {k: t.data_ptr() for k, t in runner._per_row.items()}
+    bufs.graphs["slots"] = graph = object()  # what capture_step would have stored for this count
+    runner.step()
+    runner.evict([a])
+    c, = runner.prepare(**reqs[5])  # 1 row, 3 steps: 3 rows again, a shorter table than before
+    runner.admit(c)
+    assert runner._bufs is bufs and bufs.graphs["slots"] is graph
+    assert {k: t.data_ptr() for k, t in runner._per_row.items()} == addresses
+    assert runner._per_row["offset"].tolist() == [0, 0, 5] and runner._per_row["step"].tolist() == [1, 1, 0]
+    runner.evict([c])
+    d, = runner.prepare(**(reqs[0] | dict(timesteps=40)))  # 5 + 40 rows do not fit the 16-row table
+    runner.admit(d)
+    assert runner._per_row["table"].shape[0] == 64 and "slots" not in bufs.graphs
+
+
+@pytest.mark.cuda
+def test_slot_graphs_replay_what_the_slots_compute_uncaptured(tiny_engine_dir):
+    """With the Triton step on CUDA the slots replay one captured graph per slot count, for any mix of requests:
+    the results equal the same schedule stepped without graphs. (Not yet run on a GPU.)"""
+    engine = load(tiny_engine_dir, backend="torch", device="cuda")
+    assert engine.runner.step_impl == "triton" and engine.runner.cuda_graphs
+    reqs, joins = requests(base=80), [0, 3, 1, 0, 6, 2, 9, 1, 4]
+    graphed = SlotRunner(engine, slots=4)
+    got, busy = run_staggered(graphed, reqs, joins)
+    want, _ = run_staggered(SlotRunner(engine, slots=4, cuda_graphs=False), reqs, joins)
+    for k in range(len(reqs)):
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=f"request {k}: {MIXED[k]}")
+    assert all("slots" in graphed._runner.buffers(n, H, W).graphs for n in set(busy))

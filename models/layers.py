@@ -12,6 +12,11 @@ class LayerNorm2d(nn.LayerNorm):
         super().__init__(channels, eps=1e-6, elementwise_affine=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            # Exported as reductions over the channel axis of NCHW: OpenVINO ran the channels-last form with a
+            # transpose and two reorders per norm (12-15 % of a bf16 call at 64x64 and 300x300).
+            centred = x - x.mean(dim=1, keepdim=True)
+            return centred / torch.sqrt(centred.square().mean(dim=1, keepdim=True) + self.eps)
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 

@@ -29,7 +29,7 @@ from .tensorrt_build import TensorRTSettings, plan_tolerance, tensorrt_status
 ONNX_NAME = "model.onnx"
 DEFAULT_SIZE = ((32, 32), (300, 300), (320, 320))  # CARE-SST tiles; a diffusers model defaults to its sample_size
 # Bump when a change in this package changes what a build writes: old caches then stop matching.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: the CARE-SST layers export their OpenVINO-friendly forms (models/layers.py)
 # int8 is an OpenVINO artefact only: NNCF-quantised IR, accepted by the quality gate (quality_gate.py).
 BUILD_PRECISIONS = PRECISIONS + ("int8",)
 _LIB_OF = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt", "torch": "torch"}

@@ -164,6 +164,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         engine, model = None, load_model(args.model)
     load_seconds = time.perf_counter() - start
+    # One sampling call for every tile and sample (one noise stream): no progress bar, so say what is running.
+    print(f"evaluate: {what} x {args.samples} sample(s), {args.sampler} {args.timesteps} steps ...", file=sys.stderr,
+          flush=True)
     r = evaluate(model, timesteps=args.timesteps, sampler=args.sampler, samples=args.samples, seed=args.seed,
                  t_start=args.t_start, init=args.init, tiles=tiles)
     size = "x".join(map(str, tiles[0].mask.shape[1:]))

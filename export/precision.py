@@ -118,7 +118,7 @@ def plan_precision(model, precision: str, keep_fp32_ops=frozenset()) -> dict[int
     non-constant float inputs are fp32, or when an fp32 input is a reduction over their other input (the
     `x - mean(x)`, `x * rsqrt(mean(x^2))` and `x * (g / mean(g))` of decomposed norms); the rest go low.
     """
-    from onnx import TensorProto
+    from onnx import TensorProto, numpy_helper
 
     g = model.graph
     types = _float_values(model)
@@ -130,6 +130,18 @@ def plan_precision(model, precision: str, keep_fp32_ops=frozenset()) -> dict[int
     # Image-like inputs: rank >= 3 (sample [B, C, H, W]); the timestep [B] is not one.
     spatial = {name for name, vi in graph_inputs.items()
                if len(vi.type.tensor_type.shape.dim) >= 3 and is_float(name)}
+    weights = {i.name: i for i in g.initializer}
+    weights |= {n.output[0]: _value_attr(n).t for n in g.node if n.op_type == "Constant" and _value_attr(n)}
+
+    def averaging(node) -> bool:
+        """A 1x1 Conv whose constant weights are all equal, one output channel: a mean over channels (a norm's
+        reduction written as a Conv, models/layers.LayerNorm2d), so it stays fp32 like ReduceMean."""
+        w = weights.get(node.input[1]) if node.op_type == "Conv" and len(node.input) == 2 else None
+        if w is None or len(w.dims) != 4 or w.dims[0] != 1 or list(w.dims[2:]) != [1, 1]:
+            return False
+        values = numpy_helper.to_array(w)
+        return bool(np.all(values == values.flat[0]))
+
     producer: dict[str, int] = {}
     plan: dict[int, str] = {}
     # For each fp32 value, the set of tensors it is a reduction of (walking back through fp32 nodes).
@@ -148,7 +160,7 @@ def plan_precision(model, precision: str, keep_fp32_ops=frozenset()) -> dict[int
             spatial.update(node.output)
         if not any(i in spatial for i in live_in) and not (node.op_type in HEAVY_OPS and not live_in):
             mode = "fp32"
-        elif node.op_type in fp32_ops:
+        elif node.op_type in fp32_ops or averaging(node):
             mode = "fp32"
         elif node.op_type in HEAVY_OPS:
             mode = "low"
@@ -167,7 +179,7 @@ def plan_precision(model, precision: str, keep_fp32_ops=frozenset()) -> dict[int
             derived = set()
             for i in live_in:
                 derived |= reduced_from.get(i, set())
-            if node.op_type in REDUCTIONS:
+            if node.op_type in REDUCTIONS or averaging(node):
                 derived |= set(live_in)
                 # Also what a square/abs/centring just before the reduction was applied to: in
                 # y / sqrt(sum(y * y)) the reduction is over y*y, but the Div pairs its result with y.

@@ -11,12 +11,20 @@ class LayerNorm2d(nn.LayerNorm):
     def __init__(self, channels: int):
         super().__init__(channels, eps=1e-6, elementwise_affine=False)
 
+    def _channel_mean(self, x: torch.Tensor) -> torch.Tensor:
+        # A 1x1 conv with weights 1/C, not ReduceMean over axis 1: ONNX Runtime's reduction rounds differently per
+        # batch size, its Conv does not, and a result must not depend on what it was batched with (serve/, slots).
+        # The fp16/bf16 ONNX conversion keeps such averaging convs in fp32, as it does reductions.
+        c = self.normalized_shape[0]
+        return nn.functional.conv2d(x, x.new_full((1, c, 1, 1), 1.0 / c))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
-            # Exported as reductions over the channel axis of NCHW: OpenVINO ran the channels-last form with a
-            # transpose and two reorders per norm (12-15 % of a bf16 call at 64x64 and 300x300).
-            centred = x - x.mean(dim=1, keepdim=True)
-            return centred / torch.sqrt(centred.square().mean(dim=1, keepdim=True) + self.eps)
+            # Exported over the channel axis of NCHW: OpenVINO ran the channels-last form with a transpose and two
+            # reorders per norm (12-15 % of a bf16 call at 64x64 and 300x300).
+            mean = self._channel_mean
+            centred = x - mean(x)
+            return centred / torch.sqrt(mean(centred.square()) + self.eps)
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 

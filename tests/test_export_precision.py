@@ -29,12 +29,26 @@ def fp32_graph(export_net, tmp_path_factory):
     return path
 
 
-def _input_dtypes(model, op_type):
+def _input_dtypes(model, op_type, skip=frozenset(), only=None):
     inferred = onnx.shape_inference.infer_shapes(model)
     g = inferred.graph
     types = {v.name: v.type.tensor_type.elem_type for v in list(g.input) + list(g.output) + list(g.value_info)}
     types.update({i.name: i.data_type for i in g.initializer})
-    return [types.get(n.input[0]) for n in g.node if n.op_type == op_type]
+    return [types.get(n.input[0]) for n in g.node if n.op_type == op_type and n.name not in skip
+            and (only is None or n.name in only)]
+
+
+def _channel_means(model):
+    """Names of the 1x1 Convs with one output channel and equal weights (means over channels)."""
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    weights |= {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
+                if n.op_type == "Constant" and n.attribute[0].name == "value"}
+    out = set()
+    for n in model.graph.node:
+        w = weights.get(n.input[1]) if n.op_type == "Conv" else None
+        if w is not None and w.ndim == 4 and w.shape[0] == 1 and w.shape[2:] == (1, 1) and (w == w.flat[0]).all():
+            out.add(n.name)
+    return out
 
 
 def _norm_divisions(model):
@@ -61,8 +75,12 @@ def test_conversion_keeps_norms_softmax_reductions_fp32_and_convs_low(export_net
         dtypes = _input_dtypes(model, op)
         assert dtypes and set(dtypes) == {TensorProto.FLOAT}, (op, dtypes)
     for op in ("Conv", "ConvTranspose", "MatMul", "Einsum"):
-        dtypes = _input_dtypes(model, op)
+        dtypes = _input_dtypes(model, op, skip=_channel_means(model))
         assert dtypes and set(dtypes) == {low}, (op, dtypes)
+    # CARE-SST's channel LayerNorm takes its means with 1x1 convs of equal weights: those stay fp32 (2 per norm).
+    means = _channel_means(model)
+    assert len(means) == (80 if name == "care-sst" else 0)
+    assert set(_input_dtypes(model, "Conv", only=means)) <= {TensorProto.FLOAT}
     # The decomposed norms (x - mean) / sqrt(var + eps): every Div by a Sqrt, and the Sub centring its numerator,
     # stay fp32 too (CARE-SST: 40 norms).
     assert _norm_divisions(model) and set(_norm_divisions(model)) == {TensorProto.FLOAT}

@@ -45,6 +45,18 @@ def test_int8_build_passes_the_gate_is_recorded_and_samples(tmp_path):
     assert not (tmp_path / "e" / "openvino" / "model.xml").exists()  # the fp32 IR was only the gate's reference
     x = load(tmp_path / "e").sample(torch.zeros(1, 1, 32, 32), timesteps=3, seed=0)
     assert x.shape == (1, 1, 32, 32) and torch.isfinite(x).all()
+    # The norms' channel means (1x1 convs of equal weights, 2 per LayerNorm2d) take no quantised input.
+    import openvino as ov
+
+    from ddpm_engine.export.quantize import channel_means
+
+    ir = ov.Core().read_model(str(tmp_path / "e" / "openvino" / "model.int8.xml"))
+    means = set(channel_means(ir))
+    norms = sum(type(m).__name__ == "LayerNorm2d" for m in _care_sst().modules())
+    assert len(means) == 2 * norms
+    ops = {op.get_friendly_name(): op for op in ir.get_ordered_ops()}
+    fed = [ops[n].input_value(0).get_node().get_type_name() for n in means]
+    assert "FakeQuantize" not in fed and any(o.get_type_name() == "FakeQuantize" for o in ops.values()), fed
 
 
 @pytest.mark.slow

@@ -110,6 +110,13 @@ def _float_values(model) -> dict[str, int]:
     return types
 
 
+def is_channel_mean(weights: np.ndarray) -> bool:
+    """Whether Conv weights are a mean over channels: [1, C, 1, 1], all equal (models.layers.LayerNorm2d's export
+    form). Such a Conv is a reduction: kept fp32 by the fp16/bf16 conversion and out of int8 (quantize)."""
+    return weights.ndim == 4 and weights.shape[0] == 1 and weights.shape[2:] == (1, 1) and bool(
+        (weights == weights.flat[0]).all())
+
+
 def plan_precision(model, precision: str, keep_fp32_ops=frozenset()) -> dict[int, str]:
     """Decide, per node index, 'low' or 'fp32' (nodes touching no float tensor are absent).
 
@@ -133,14 +140,9 @@ def plan_precision(model, precision: str, keep_fp32_ops=frozenset()) -> dict[int
     weights = {i.name: i for i in g.initializer}
     weights |= {n.output[0]: _value_attr(n).t for n in g.node if n.op_type == "Constant" and _value_attr(n)}
 
-    def averaging(node) -> bool:
-        """A 1x1 Conv whose constant weights are all equal, one output channel: a mean over channels (a norm's
-        reduction written as a Conv, models/layers.LayerNorm2d), so it stays fp32 like ReduceMean."""
+    def averaging(node) -> bool:  # a norm's mean over channels written as a Conv: stays fp32 like ReduceMean
         w = weights.get(node.input[1]) if node.op_type == "Conv" and len(node.input) == 2 else None
-        if w is None or len(w.dims) != 4 or w.dims[0] != 1 or list(w.dims[2:]) != [1, 1]:
-            return False
-        values = numpy_helper.to_array(w)
-        return bool(np.all(values == values.flat[0]))
+        return w is not None and is_channel_mean(numpy_helper.to_array(w))
 
     producer: dict[str, int] = {}
     plan: dict[int, str] = {}

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .openvino_build import IR_DIR, cpu_supports, require_openvino
+from .precision import is_channel_mean
 
 INT8_IR_NAME = "model.int8.xml"
 # Not the held-out tiles the quality gate scores (models.evaluate.HELD_OUT_SEED) nor reconstruct's synthetic ones.
@@ -97,8 +98,7 @@ def channel_means(model) -> list[str]:
         weights = op.input_value(1).get_node() if op.get_type_name() == "Convolution" else None
         if weights is None or weights.get_type_name() != "Constant":
             continue
-        w = weights.get_data()
-        if w.ndim == 4 and w.shape[0] == 1 and w.shape[2:] == (1, 1) and (w == w.flat[0]).all():
+        if is_channel_mean(weights.get_data()):
             out.append(op.get_friendly_name())
     return out
 
@@ -107,8 +107,7 @@ def quantize_openvino_ir(onnx_path: str | Path, engine_dir: str | Path, profile,
                          settings: CalibrationSettings = CalibrationSettings()) -> dict:
     """Quantise the fp32 ONNX graph with NNCF into <engine>/openvino/model.int8.xml (+ .bin); returns the manifest
     entry (without hashes). What is not quantised (norms and their channel means, softmax, the time embedding, the
-    first and last layer)
-    runs in the compile-time precision: bf16 where the CPU has it natively, else fp32."""
+    first and last layer) runs in the compile-time precision: bf16 where the CPU has it natively, else fp32."""
     import logging
 
     import nncf

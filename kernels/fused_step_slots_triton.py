@@ -109,7 +109,8 @@ def step_slots_triton(
     if table.device != x.device:
         raise ValueError(f"table must be on {x.device}, got {table.device}")
     for name, t, dtype in (("offset", offset, torch.int64), ("step", step, torch.int64),
-                           ("length", length, torch.int64), ("seed", seed, torch.int64), ("plane0", plane0, torch.int64), ("draws", draws, torch.bool),
+                           ("length", length, torch.int64), ("seed", seed, torch.int64),
+                           ("plane0", plane0, torch.int64), ("draws", draws, torch.bool),
                            ("masked", masked, torch.bool), ("x0_form", x0_form, torch.bool),
                            ("history", history, torch.bool)):
         if t.shape != (B,) or t.dtype != dtype or t.device != x.device or not t.is_contiguous():

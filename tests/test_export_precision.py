@@ -7,7 +7,7 @@ import torch
 from onnx import TensorProto
 
 from ddpm_engine.export import TOLERANCES, VerificationError, convert_precision, export_onnx, verify_onnx
-from ddpm_engine.export.precision import precision_summary
+from ddpm_engine.export.precision import is_channel_mean, precision_summary
 from export_standin import LoudNet, SumSquaresNet, single_thread
 
 CASES = [(1, 24, 24), (3, 37, 29), (2, 40, 40)]
@@ -43,12 +43,8 @@ def _channel_means(model):
     weights = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     weights |= {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
                 if n.op_type == "Constant" and n.attribute[0].name == "value"}
-    out = set()
-    for n in model.graph.node:
-        w = weights.get(n.input[1]) if n.op_type == "Conv" else None
-        if w is not None and w.ndim == 4 and w.shape[0] == 1 and w.shape[2:] == (1, 1) and (w == w.flat[0]).all():
-            out.add(n.name)
-    return out
+    return {n.name for n in model.graph.node
+            if n.op_type == "Conv" and n.input[1] in weights and is_channel_mean(weights[n.input[1]])}
 
 
 def _norm_divisions(model):

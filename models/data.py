@@ -23,30 +23,60 @@ def _spectral_field(rng: np.random.Generator, n: int, slope: float, k_min: float
     return (field - field.mean()) / (field.std() + 1e-12)
 
 
-def synthetic_sst(rng: np.random.Generator, size: int = 64) -> np.ndarray:
+@dataclass(frozen=True)
+class SyntheticStyle:
+    """The ranges the synthetic generator draws from (deg C, px); see TOY and VIIRS."""
+
+    gradient: tuple[float, float]  # large-scale ramp, deg C / px
+    eddy_std: tuple[float, float]  # eddy field's std, deg C
+    eddy_slope: float  # its 2-D power-spectrum slope, P(k) ~ k^-slope
+    fronts: tuple[int, int]  # number of fronts, drawn from [lo, hi)
+    front_step: tuple[float, float]  # half the temperature step across a front, deg C
+    front_width: tuple[float, float]  # tanh width, px
+    noise_std: float  # sensor noise, deg C
+    background_sigma: float  # Gaussian blur of the truth before OISST-like coarse-graining, px
+    bias_std: float  # the background's per-tile bias, deg C
+
+
+# The original generator: strong eddies and fronts packed into a 64 px tile (the bundled weights' first run).
+TOY = SyntheticStyle(gradient=(0.01, 0.045), eddy_std=(0.4, 1.5), eddy_slope=4.0, fronts=(1, 4),
+                     front_step=(0.5, 2.5), front_width=(1.0, 5.0), noise_std=0.015, background_sigma=3.0,
+                     bias_std=0.3)
+# Matched to the real VIIRS/OISST tiles on 300 px tiles (`python benchmarks/data_stats.py ../shared/data` prints both
+# against the real ones): TOY's 64 px tiles have 7x the real per-pixel gradients, half their gradient tail (p99 /
+# median 2.5-2.9 against 5.3-5.5) and half OISST's smoothing scale. Many narrow fronts over weaker eddies give the
+# tail; a 10 px blur before coarse-graining gives OISST's 12 px effective smoothing.
+VIIRS = SyntheticStyle(gradient=(0.004, 0.04), eddy_std=(0.1, 0.6), eddy_slope=4.0, fronts=(3, 10),
+                       front_step=(0.1, 1.0), front_width=(0.3, 1.5), noise_std=0.015, background_sigma=10.0,
+                       bias_std=0.25)
+STYLES = {"toy": TOY, "viirs": VIIRS}
+
+
+def synthetic_sst(rng: np.random.Generator, size: int = 64, style: SyntheticStyle = TOY) -> np.ndarray:
     """One SST tile in deg C on a ~750 m VIIRS-like pixel grid: large-scale gradient, eddies, fronts, sensor noise."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     theta = rng.uniform(0, 2 * np.pi)
-    # ~0.03 degC/px matches the 10-15 degC range of the real 300 px tiles (see tests/test_models_data.py).
-    sst = rng.uniform(10.0, 22.0) + rng.uniform(0.01, 0.045) * (np.cos(theta) * (xx - size / 2) + np.sin(theta) * (yy - size / 2))
-    # Mesoscale/submesoscale eddies: 2-D P(k) ~ k^-4 (1-D slope -3) is the observed SST spectral slope at these scales.
-    sst += rng.uniform(0.4, 1.5) * _spectral_field(rng, size, slope=4.0)
-    for _ in range(rng.integers(1, 4)):
+    sst = rng.uniform(10.0, 22.0) + rng.uniform(*style.gradient) * (
+        np.cos(theta) * (xx - size / 2) + np.sin(theta) * (yy - size / 2))
+    # Mesoscale/submesoscale eddies: a power-law spectrum (2-D slope 4 is 1-D slope -3).
+    sst += rng.uniform(*style.eddy_std) * _spectral_field(rng, size, slope=style.eddy_slope)
+    for _ in range(rng.integers(*style.fronts)):
         # A front: a tanh step across a meandering line; widths of a few px give the heavy gradient tail.
         phi = rng.uniform(0, 2 * np.pi)
         along = -np.sin(phi) * xx + np.cos(phi) * yy
         meander = rng.uniform(2, 10) * np.sin(2 * np.pi * along / rng.uniform(30, 120) + rng.uniform(0, 2 * np.pi))
         across = np.cos(phi) * (xx - rng.uniform(0, size)) + np.sin(phi) * (yy - rng.uniform(0, size)) + meander
-        sst += rng.uniform(0.5, 2.5) * np.tanh(across / rng.uniform(1.0, 5.0))
-    sst += 0.015 * rng.standard_normal((size, size))  # sensor noise
+        sst += rng.uniform(*style.front_step) * np.tanh(across / rng.uniform(*style.front_width))
+    sst += style.noise_std * rng.standard_normal((size, size))
     # Seawater freezes at about -1.8 degC and open-ocean SST stays below ~32 degC.
     return np.clip(sst, -1.8, 32.0).astype(np.float32)
 
 
-def background_for(sst: np.ndarray, rng: np.random.Generator, factor: int = 12, bias_std: float = 0.3) -> np.ndarray:
+def background_for(sst: np.ndarray, rng: np.random.Generator, style: SyntheticStyle = TOY, factor: int = 12
+                   ) -> np.ndarray:
     """OISST-like background: Gaussian blur, ~factor x coarse-graining, bilinear back up, plus a small tile bias."""
     x = torch.from_numpy(np.ascontiguousarray(sst, dtype=np.float32))[None, None]
-    sigma = factor / 4
+    sigma = style.background_sigma
     r = np.arange(-int(3 * sigma), int(3 * sigma) + 1)
     g = torch.from_numpy(np.exp(-0.5 * (r / sigma) ** 2)).float()
     g = g / g.sum()
@@ -54,7 +84,7 @@ def background_for(sst: np.ndarray, rng: np.random.Generator, factor: int = 12, 
     x = F.conv2d(F.conv2d(x, g.view(1, 1, 1, -1)), g.view(1, 1, -1, 1))
     coarse = F.adaptive_avg_pool2d(x, max(1, round(sst.shape[0] / factor)))
     up = F.interpolate(coarse, size=sst.shape, mode="bilinear", align_corners=False)
-    return (up[0, 0].numpy() + rng.normal(0.0, bias_std)).astype(np.float32)
+    return (up[0, 0].numpy() + rng.normal(0.0, style.bias_std)).astype(np.float32)
 
 
 def cloud_mask(rng: np.random.Generator, size: int = 64, cover: tuple[float, float] = (0.2, 0.8)) -> np.ndarray:
@@ -162,10 +192,10 @@ def load_real_tiles(root: str | Path) -> list[tuple[str, np.ndarray, np.ndarray]
             for v, o in viirs_oisst_files(root)]
 
 
-def synthetic_tile(rng: np.random.Generator, size: int = 64) -> Tile:
+def synthetic_tile(rng: np.random.Generator, size: int = 64, style: SyntheticStyle = TOY) -> Tile:
     """A synthetic (truth, background, cloud mask) tile, preprocessed exactly like a real one."""
-    truth = synthetic_sst(rng, size)
-    bg = background_for(truth, rng)
+    truth = synthetic_sst(rng, size, style)
+    bg = background_for(truth, rng, style)
     mask = cloud_mask(rng, size)
     tile = preprocess(np.where(mask > 0, CLOUD, truth), bg)
     tile.truth = torch.from_numpy(normalize(truth, tile.lo, tile.hi))[None]
@@ -173,8 +203,8 @@ def synthetic_tile(rng: np.random.Generator, size: int = 64) -> Tile:
     return tile
 
 
-def training_batch(rng: np.random.Generator, batch: int, size: int = 64, crop: int | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def training_batch(rng: np.random.Generator, batch: int, size: int = 64, crop: int | None = None,
+                   style: SyntheticStyle = TOY) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0, background), each [B, 1, crop, crop] normalised by the whole size x size tile's background range.
 
     Random crops of larger tiles train 4x cheaper per step than whole tiles, while the values keep the
@@ -185,8 +215,8 @@ def training_batch(rng: np.random.Generator, batch: int, size: int = 64, crop: i
         raise ValueError(f"crop must be in [1, size={size}], got {crop}")
     x0, bg = [], []
     for _ in range(batch):
-        truth = synthetic_sst(rng, size)
-        back = background_for(truth, rng)
+        truth = synthetic_sst(rng, size, style)
+        back = background_for(truth, rng, style)
         lo, hi = minmax_range(back)
         i, j = rng.integers(0, size - crop + 1, size=2)
         x0.append(normalize(truth[i:i + crop, j:j + crop], lo, hi))

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from ..engine.schedule import CosineSchedule, diffuse
 from .checkpoint import STATE, save_checkpoint, save_torch
-from .data import training_batch
+from .data import STYLES, training_batch
 from .real_data import RealCrops
 from .registry import PRESETS, build_model, load_model
 
@@ -26,6 +26,7 @@ class TrainConfig:
 
     preset: str = "sst-small"
     size: int = 64  # synthetic tile size; sets the normalisation statistics (the size it is evaluated at)
+    synthetic: str = "toy"  # the synthetic generator's style, a key of models.data.STYLES
     crop: int = 32  # trained on random crops: 4x cheaper per step; the U-Net is fully convolutional
     batch: int = 8
     lr: float = 1e-3
@@ -79,6 +80,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
         raise ValueError(f"unknown preset {cfg.preset!r}; must be one of {sorted(PRESETS)}")
     if cfg.size < 8 or not 8 <= cfg.crop <= cfg.size or cfg.batch < 1 or cfg.max_steps < 1 or cfg.max_minutes <= 0:
         raise ValueError("need 8 <= crop <= size, batch >= 1, max_steps >= 1 and max_minutes > 0")
+    if cfg.synthetic not in STYLES:
+        raise ValueError(f"unknown synthetic style {cfg.synthetic!r}; must be one of {sorted(STYLES)}")
     if not 0.0 <= cfg.real_fraction <= 1.0:
         raise ValueError(f"real_fraction must be in [0, 1], got {cfg.real_fraction}")
     if cfg.real_crop and cfg.real_crop < 8 or not 0.0 < cfg.real_min_clear <= 1.0:
@@ -129,7 +132,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
     while step < cfg.max_steps and elapsed < cfg.max_minutes * 60:
         # Data seeded by (seed, step): a resumed run sees the batches the uninterrupted one would have.
         rng = np.random.default_rng([cfg.seed, step])
-        x0, bg = training_batch(rng, cfg.batch - n_real, cfg.size, cfg.crop)
+        x0, bg = training_batch(rng, cfg.batch - n_real, cfg.size, cfg.crop, STYLES[cfg.synthetic])
         valid = None
         if crops is not None:
             rx0, rbg, rvalid = crops.batch(rng, n_real)
@@ -176,6 +179,10 @@ def register(subparsers) -> None:
     p.add_argument("--preset", default=d.preset, help=f"model preset, one of {sorted(PRESETS)} (default %(default)s)")
     p.add_argument("--out", required=True, help="checkpoint directory (created; resumed if it holds a run)")
     p.add_argument("--size", type=int, default=d.size, help="synthetic tile size in pixels (default %(default)s)")
+    p.add_argument("--synthetic", default=d.synthetic, choices=sorted(STYLES),
+                   help="synthetic generator style: toy (strong eddies and fronts in a 64 px tile; the first run's) or "
+                   "viirs (matched to the real tiles' gradients, fronts and OISST smoothing; use --size 300) "
+                   "(default %(default)s)")
     p.add_argument("--crop", type=int, default=d.crop, help="random crop trained on, <= size (default %(default)s)")
     p.add_argument("--batch", type=int, default=d.batch, help="tiles per step (default %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="AdamW peak learning rate (default %(default)s)")

@@ -1,9 +1,11 @@
 """Synthetic SST tiles look like the real VIIRS/OISST tiles; CARE-SST preprocessing and its inverse."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
-from ddpm_engine.models.data import (background_for, cloud_mask, denormalize, load_real_tiles, normalize, preprocess,
+from ddpm_engine.models.data import (TOY, background_for, cloud_mask, denormalize, load_real_tiles, normalize, preprocess,
                                      synthetic_sst, synthetic_tile, training_batch, viirs_oisst_files)
 
 
@@ -52,7 +54,7 @@ def test_synthetic_backgrounds_are_smooth_like_oisst(real):
 def test_background_is_a_blurred_biased_copy_of_the_truth():
     rng = np.random.default_rng(2)
     truth = synthetic_sst(rng, 96)
-    bg = background_for(truth, rng, bias_std=0.0)
+    bg = background_for(truth, rng, dataclasses.replace(TOY, bias_std=0.0))
     assert _stats(bg)["grad_mean"] < 0.8 * _stats(truth)["grad_mean"]
     assert _stats(bg)["grad_p99"] < 0.5 * _stats(truth)["grad_p99"]  # fronts are smeared out
     assert abs(bg.mean() - truth.mean()) < 0.2 and np.sqrt(((bg - truth) ** 2).mean()) < 1.5

@@ -72,16 +72,21 @@ def synthetic_sst(rng: np.random.Generator, size: int = 64, style: SyntheticStyl
     return np.clip(sst, -1.8, 32.0).astype(np.float32)
 
 
-def background_for(sst: np.ndarray, rng: np.random.Generator, style: SyntheticStyle = TOY, factor: int = 12
-                   ) -> np.ndarray:
-    """OISST-like background: Gaussian blur, ~factor x coarse-graining, bilinear back up, plus a small tile bias."""
-    x = torch.from_numpy(np.ascontiguousarray(sst, dtype=np.float32))[None, None]
-    sigma = style.background_sigma
-    r = np.arange(-int(3 * sigma), int(3 * sigma) + 1)
+def gaussian_blur(field: np.ndarray, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur (truncated at 3 sigma, rounded), edges replicated, as a [1, 1, H, W] tensor: the
+    smoothing OISST-like backgrounds get, and the one models/ocean_stats.py fits to real ones."""
+    x = torch.from_numpy(np.ascontiguousarray(field, dtype=np.float32))[None, None]
+    r = np.arange(-int(3 * sigma + 0.5), int(3 * sigma + 0.5) + 1)
     g = torch.from_numpy(np.exp(-0.5 * (r / sigma) ** 2)).float()
     g = g / g.sum()
     x = F.pad(x, (len(r) // 2,) * 4, mode="replicate")
-    x = F.conv2d(F.conv2d(x, g.view(1, 1, 1, -1)), g.view(1, 1, -1, 1))
+    return F.conv2d(F.conv2d(x, g.view(1, 1, 1, -1)), g.view(1, 1, -1, 1))
+
+
+def background_for(sst: np.ndarray, rng: np.random.Generator, style: SyntheticStyle = TOY, factor: int = 12
+                   ) -> np.ndarray:
+    """OISST-like background: Gaussian blur, ~factor x coarse-graining, bilinear back up, plus a small tile bias."""
+    x = gaussian_blur(sst, style.background_sigma)
     coarse = F.adaptive_avg_pool2d(x, max(1, round(sst.shape[0] / factor)))
     up = F.interpolate(coarse, size=sst.shape, mode="bilinear", align_corners=False)
     return (up[0, 0].numpy() + rng.normal(0.0, style.bias_std)).astype(np.float32)
@@ -115,6 +120,11 @@ def fill_oisst_land(oisst: np.ndarray) -> np.ndarray:
         out[edge] = total[edge] / count[edge]
         gap &= ~edge
     return out
+
+
+def observed(viirs: np.ndarray) -> np.ndarray:
+    """True where a VIIRS tile has SST: neither cloud (0) nor land (-999)."""
+    return (viirs != CLOUD) & (viirs > LAND + 0.5)
 
 
 def minmax_range(background: np.ndarray) -> tuple[float, float]:

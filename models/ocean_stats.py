@@ -10,24 +10,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from .data import CLOUD, LAND
+from .data import gaussian_blur, observed
 
 SLOPE_BAND = (1 / 32, 1 / 6)  # cycles/px: above the window's own scale, below the sensor-noise floor
 SMOOTHING_SIGMAS = (0.5, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24)  # px, the Gaussian widths searched
 
 
-def clear(sst: np.ndarray) -> np.ndarray:
-    """True where a VIIRS tile has SST (not cloud 0, not land -999)."""
-    return (sst != CLOUD) & (sst > LAND + 0.5)
-
-
 def clear_windows(sst: np.ndarray, n: int = 32, stride: int = 16) -> list[np.ndarray]:
     """Every n x n window of sst, on a stride grid, with no cloud or land pixel (32 px: the cloudy tiles have few
     larger ones)."""
-    ok = clear(sst)
+    ok = observed(sst)
     return [sst[i:i + n, j:j + n] for i in range(0, sst.shape[0] - n + 1, stride)
             for j in range(0, sst.shape[1] - n + 1, stride) if ok[i:i + n, j:j + n].all()]
 
@@ -63,22 +56,13 @@ def gradient_stats(field: np.ndarray) -> tuple[float, float]:
     return med, float(np.percentile(g, 99) / max(med, 1e-12))
 
 
-def _gaussian_blur(field: np.ndarray, sigma: float) -> np.ndarray:
-    r = np.arange(-int(3 * sigma + 0.5), int(3 * sigma + 0.5) + 1)
-    g = np.exp(-0.5 * (r / sigma) ** 2)
-    g = torch.from_numpy(g / g.sum()).float()
-    x = F.pad(torch.from_numpy(np.ascontiguousarray(field, dtype=np.float32))[None, None], (len(r) // 2,) * 4,
-              mode="replicate")
-    return F.conv2d(F.conv2d(x, g.view(1, 1, 1, -1)), g.view(1, 1, -1, 1))[0, 0].numpy()
-
-
 def background_error(sst: np.ndarray, background: np.ndarray) -> tuple[float, float, float]:
     """(|bias|, std, smoothing sigma in px) of the background against the truth, over the tile's clear pixels.
 
     The smoothing scale is the Gaussian sigma whose blur of the truth (normalised convolution over the clear
     pixels), bias removed, is closest to the background.
     """
-    ok = clear(sst)
+    ok = observed(sst)
     if ok.sum() < 16:
         raise ValueError(f"a tile with {int(ok.sum())} clear pixels has no background error to measure")
     err = (sst - background)[ok]
@@ -86,7 +70,7 @@ def background_error(sst: np.ndarray, background: np.ndarray) -> tuple[float, fl
     w = ok.astype(np.float32)
     fits = []
     for s in SMOOTHING_SIGMAS:
-        num, den = _gaussian_blur(np.where(ok, sst, 0.0), s), _gaussian_blur(w, s)
+        num, den = (gaussian_blur(a, s)[0, 0].numpy() for a in (np.where(ok, sst, 0.0), w))
         blurred = num / np.maximum(den, 1e-6)
         fits.append(np.std((blurred - background)[ok & (den > 0.5)]))
     return abs(bias), float(err.std()), float(SMOOTHING_SIGMAS[int(np.argmin(fits))])

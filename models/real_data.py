@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import CLOUD, LAND, Tile, fill_oisst_land, normalize, preprocess, viirs_oisst_files
+from .data import CLOUD, Tile, fill_oisst_land, normalize, observed, preprocess, viirs_oisst_files
 
 
 def _load(path: Path) -> np.ndarray:
@@ -43,7 +43,7 @@ def cloud_masks(root: str | Path) -> list[tuple[str, np.ndarray]]:
 
 def hide_under_mask(viirs: np.ndarray, oisst: np.ndarray, donor: np.ndarray) -> Tile:
     """A Tile whose `scored` pixels are the clear pixels of `viirs` under the donor's clouds, with their truth."""
-    valid = (viirs != CLOUD) & (viirs > LAND + 0.5)
+    valid = observed(viirs)
     hidden = donor & valid
     tile = preprocess(np.where(hidden, CLOUD, viirs), oisst)  # the target's own clouds stay cloud too
     tile.truth = torch.from_numpy(np.where(valid, normalize(viirs, tile.lo, tile.hi), tile.background[0].numpy()))[None]

@@ -3,9 +3,8 @@ import numpy as np
 import pytest
 
 from ddpm_engine.models.data import (CLOUD, TOY, VIIRS, _spectral_field, background_for, fill_oisst_land,
-                                     load_real_tiles, synthetic_sst)
-from ddpm_engine.models.ocean_stats import (_gaussian_blur, background_error, clear_windows, gradient_stats,
-                                            ocean_stats, spectral_slope)
+                                     gaussian_blur, load_real_tiles, synthetic_sst)
+from ddpm_engine.models.ocean_stats import background_error, clear_windows, gradient_stats, ocean_stats, spectral_slope
 from ddpm_engine.models.real_data import clear_tile_days
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -31,7 +30,7 @@ def test_gradient_stats_separate_a_ramp_from_a_sharp_front():
 @pytest.mark.parametrize("sigma", [3, 6])
 def test_background_error_finds_the_blur_and_bias_under_clouds(sigma):
     truth = synthetic_sst(np.random.default_rng(1), 128, VIIRS)
-    background = _gaussian_blur(truth, sigma) + 0.4
+    background = gaussian_blur(truth, sigma)[0, 0].numpy() + 0.4
     truth[40:80, 20:90] = CLOUD  # a cloud: measured on the clear pixels only
     bias, std, scale = background_error(truth, background)
     assert bias == pytest.approx(0.4, abs=0.01) and scale == sigma and std > 0.1
